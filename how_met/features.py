@@ -53,7 +53,9 @@ class LocalFeatures:
         """(n, 2) float32 image coordinates (x, y) of the feature centres in the original image."""
         zoom = np.array(self.image_size, np.float32) / np.array(self.input_size, np.float32)
         centres = (self.locations.astype(np.float32) + 0.5) * stride
-        return centres / self.scales.astype(np.float32)[:, None] * zoom[None, :]
+        points = centres / self.scales.astype(np.float32)[:, None] * zoom[None, :]
+        # The last cell of a map can overhang the image (ceil division): clip to the image.
+        return np.minimum(points, np.array(self.image_size, np.float32) - 0.5)
 
 
 def _check_key(key: str) -> str:

@@ -1,0 +1,100 @@
+"""Image input: decode any file PIL reads into RGB, honour EXIF orientation, shrink only.
+
+Every failure raises :class:`ImageError` with a one-line message naming the file.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import List, Tuple
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Refuse images above this many pixels (a decompression bomb guard); PIL's own guard warns at
+# ~89 Mpx and errors at twice that -- we make the limit explicit and the error one line.
+MAX_PIXELS = 150_000_000
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
+
+
+class ImageError(ValueError):
+    """An image that cannot be used (unreadable, truncated, too large)."""
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB; transparent pixels are composited over white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = arr.max() if arr.size else 1.0
+        scale = 65535.0 if hi > 255 else 255.0
+        arr = np.clip(arr / scale * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr).convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, img).convert("RGB")
+    if img.mode == "CMYK":
+        # PIL's CMYK->RGB is the naive formula; good enough for descriptors.
+        return img.convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path: os.PathLike, image_size: int = 0) -> Tuple[np.ndarray, Tuple[int, int]]:
+    """Read ``path`` as an (H, W, 3) uint8 RGB array, shrunk so max(H, W) <= image_size.
+
+    Returns the array and the original (width, height) after EXIF orientation. Images are
+    never enlarged (image_size <= 0 keeps the original size).
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageError(f"{path}: empty file")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise ImageError(f"{path}: {img.width}x{img.height} pixels exceeds the "
+                                     f"{MAX_PIXELS} pixel limit (decompression bomb guard)")
+                original = img.size
+                if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF rotates by 90 degrees
+                    original = original[::-1]
+                if image_size and max(img.size) > 2 * image_size and img.format == "JPEG":
+                    # Let the JPEG decoder downscale by a power of two: much faster; the
+                    # resize below still produces the exact target size.
+                    img.draft("RGB", (img.width // 2, img.height // 2))
+                img = ImageOps.exif_transpose(img)
+                img.load()
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise ImageError(f"{path}: too many pixels (decompression bomb guard)") from None
+    except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as exc:
+        reason = str(exc).split("\n")[0] or type(exc).__name__
+        raise ImageError(f"{path}: unreadable image ({reason})") from None
+    return _shrink(_to_rgb(img), image_size, path), original
+
+
+def _shrink(img: Image.Image, image_size: int, path) -> np.ndarray:
+    if image_size and max(img.size) > image_size:
+        ratio = image_size / max(img.size)
+        size = (max(1, round(img.width * ratio)), max(1, round(img.height * ratio)))
+        img = img.resize(size, Image.BILINEAR, reducing_gap=3.0)
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ImageError(f"{path}: unexpected decoded shape {arr.shape}")
+    return arr
+
+
+def list_images(folder: os.PathLike) -> List[str]:
+    """Image files under ``folder`` (recursive), as sorted paths relative to it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a directory")
+    found = [p.relative_to(folder).as_posix() for p in folder.rglob("*")
+             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(found)

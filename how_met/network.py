@@ -1,0 +1,346 @@
+"""The HOW network (Tolias, Jenicek, Chum, ECCV 2020) on top of a CNN trunk.
+
+trunk -> attention (L2 norm of each feature vector) -> 3x3 average smoothing -> 1x1 conv
+(dimensionality reduction initialised as PCA-whitening). Multi-scale extraction keeps the
+``features_num`` features with the highest attention over all scales; the global descriptor
+used by HOW training is the attention-weighted sum of the reduced features, L2-normalised.
+
+Checkpoints: the official HOW files (``how_r18.pth``, ``how_r50-.pth``; old "meta" and new
+"net_params" layouts) and how-met's own files are read with ``torch.load(weights_only=True)``,
+which cannot execute code from the file.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .backbones import BACKBONES, build_trunk, trunk_layer_name
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The EfficientNet-Lite weights were trained on (x - 127) / 128 inputs (TF Lite convention);
+# ImageNet mean/std costs them confidence (measured on the cat photo: 0.79 -> 0.80/0.89/0.95).
+LITE_MEAN = (127.0 / 255, 127.0 / 255, 127.0 / 255)
+LITE_STD = (128.0 / 255, 128.0 / 255, 128.0 / 255)
+
+MULTISCALE_SPEC = (2.0, 1.414, 1.0, 0.707, 0.5, 0.353, 0.25)  # SPEC section 2 (HOW paper)
+GEM_SCALES = (1.0, 1 / math.sqrt(2), 0.5)                     # SPEC section 4 (global baseline)
+
+
+@dataclass
+class ModelConfig:
+    """What defines a HOW model (recorded in every feature store it writes)."""
+
+    backbone: str = "efficientnet-lite0"
+    layer: Optional[str] = None          # None: the backbone's default local layer
+    dim: int = 128                        # reduced descriptor dimension
+    checkpoint: Optional[str] = None      # HOW / how-met checkpoint the weights came from
+
+    def resolved(self) -> "ModelConfig":
+        return ModelConfig(self.backbone, trunk_layer_name(self.backbone, self.layer), self.dim,
+                           self.checkpoint)
+
+
+@dataclass
+class LocalOutput:
+    """Top-N local features of one image, as tensors on the model's device."""
+
+    descriptors: torch.Tensor   # (n, dim) whitened, not L2-normalised
+    strengths: torch.Tensor     # (n,) attention / max attention over all scales
+    locations: torch.Tensor     # (n, 2) (x, y) feature-map cells
+    scales: torch.Tensor        # (n,)
+    gem: Optional[torch.Tensor] = None  # (G,) multi-scale GeM global descriptor, L2-normalised
+
+
+class HOWNet(nn.Module):
+    def __init__(self, config: ModelConfig = ModelConfig(), imagenet: bool = True):
+        super().__init__()
+        self.config = config.resolved()
+        self.trunk = build_trunk(self.config.backbone, self.config.layer, imagenet=imagenet)
+        kind = BACKBONES[self.config.backbone][0]
+        mean, std = (LITE_MEAN, LITE_STD) if kind == "effnet" else (IMAGENET_MEAN, IMAGENET_STD)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.dim_reduction = nn.Conv2d(self.trunk.channels, self.config.dim, 1)
+        # Until PCA-whitening is learned (``set_whitening``) the reduction is undefined.
+        self.register_buffer("whitening_learned", torch.zeros((), dtype=torch.bool))
+        self.eval()
+
+    # -- properties ------------------------------------------------------------------------------
+    @property
+    def stride(self) -> int:
+        return self.trunk.stride
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    @property
+    def has_whitening(self) -> bool:
+        return bool(self.whitening_learned)
+
+    # -- building blocks -------------------------------------------------------------------------
+    def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 RGB -> normalised float input."""
+        x = images_uint8.to(self.device, non_blocking=True).float().div_(255.0)
+        return (x - self.mean) / self.std
+
+    @staticmethod
+    def attention(feats: torch.Tensor) -> torch.Tensor:
+        """L2 norm of each spatial feature vector (B, H, W)."""
+        return feats.norm(p=2, dim=1)
+
+    @staticmethod
+    def smooth(feats: torch.Tensor) -> torch.Tensor:
+        """3x3 average pooling, stride 1, padded cells not counted."""
+        return F.avg_pool2d(feats, 3, stride=1, padding=1, count_include_pad=False)
+
+    def reduce(self, smoothed: torch.Tensor) -> torch.Tensor:
+        if not self.has_whitening:
+            raise RuntimeError("the HOW reduction layer has no PCA-whitening yet: learn it "
+                               "(how-met whiten / learn_whitening) or load a checkpoint")
+        return self.dim_reduction(smoothed)
+
+    def set_whitening(self, mean: np.ndarray, projection: np.ndarray) -> None:
+        """Set the 1x1 reduction to x -> projection @ (x - mean). projection: (dim, C)."""
+        projection = torch.as_tensor(projection, dtype=torch.float32)
+        mean = torch.as_tensor(mean, dtype=torch.float32)
+        if projection.shape != (self.config.dim, self.trunk.channels):
+            raise ValueError(f"whitening projection has shape {tuple(projection.shape)}, "
+                             f"expected {(self.config.dim, self.trunk.channels)}")
+        with torch.no_grad():
+            self.dim_reduction.weight.copy_(projection[:, :, None, None])
+            self.dim_reduction.bias.copy_(-projection @ mean)
+        self.whitening_learned.fill_(True)
+
+    # -- extraction ----------------------------------------------------------------------------
+    def _scaled(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        if scale == 1.0:
+            return x
+        h, w = x.shape[-2:]
+        size = (max(1, int(round(h * scale))), max(1, int(round(w * scale))))
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+    @torch.inference_mode()
+    def extract(self, images_uint8: torch.Tensor, scales: Sequence[float] = (1.0, 0.707, 0.5),
+                features_num: int = 1000, gem: bool = True, reduce: bool = True,
+                gem_scales: Sequence[float] = GEM_SCALES, gem_p: float = 3.0) -> List[LocalOutput]:
+        """Multi-scale HOW extraction for a batch of same-size images (B, 3, H, W) uint8.
+
+        ``reduce=False`` returns the smoothed trunk features (C dims) instead of whitened
+        ones -- what PCA-whitening is learned from. ``gem`` adds the multi-scale GeM global
+        descriptor (trunk's global map, scales ``gem_scales``), sharing forward passes.
+        """
+        x = self.normalize(images_uint8)
+        if x.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        batch = x.shape[0]
+        all_scales = list(dict.fromkeys(list(scales) + (list(gem_scales) if gem else [])))
+        per_scale = []  # (scale, attention (B,h,w), feats (B,D,h,w))
+        gem_sum = None
+        for scale in all_scales:
+            xs = self._scaled(x, scale)
+            want_gem = gem and scale in gem_scales
+            if want_gem:
+                local, glob = self.trunk.forward_pair(xs)
+                pooled = glob.float().clamp(min=1e-6).pow(gem_p).mean(dim=(2, 3)).pow(1.0 / gem_p)
+                pooled = F.normalize(pooled, dim=1)
+                gem_sum = pooled if gem_sum is None else gem_sum + pooled
+            else:
+                local = self.trunk(xs)
+            if scale not in scales:
+                continue
+            local = local.float()
+            att = self.attention(local)
+            feats = self.smooth(local)
+            if reduce:
+                feats = self.reduce(feats)
+            per_scale.append((scale, att, feats))
+
+        outputs = []
+        for b in range(batch):
+            atts, descs, locs, scs = [], [], [], []
+            for scale, att, feats in per_scale:
+                h, w = att.shape[-2:]
+                atts.append(att[b].reshape(-1))
+                descs.append(feats[b].reshape(feats.shape[1], -1).t())
+                ys, xs_ = torch.meshgrid(torch.arange(h, device=att.device),
+                                         torch.arange(w, device=att.device), indexing="ij")
+                locs.append(torch.stack([xs_.reshape(-1), ys.reshape(-1)], dim=1))
+                scs.append(torch.full((h * w,), float(scale), device=att.device))
+            att = torch.cat(atts)
+            att = att / att.max().clamp(min=1e-12)  # common maximum over all scales
+            n = min(features_num, att.numel())
+            strengths, order = torch.topk(att, n, sorted=True)
+            outputs.append(LocalOutput(
+                descriptors=torch.cat(descs)[order],
+                strengths=strengths,
+                locations=torch.cat(locs)[order],
+                scales=torch.cat(scs)[order],
+                gem=None if gem_sum is None else F.normalize(gem_sum[b], dim=0),
+            ))
+        return outputs
+
+    @torch.inference_mode()
+    def global_descriptor(self, images_uint8: torch.Tensor, scales: Sequence[float] = (1.0,)) -> torch.Tensor:
+        """HOW's own global descriptor: attention-weighted sum of reduced features, L2."""
+        x = self.normalize(images_uint8)
+        total = 0
+        for scale in scales:
+            local = self.trunk(self._scaled(x, scale)).float()
+            att = self.attention(local)
+            feats = self.reduce(self.smooth(local))
+            total = total + (feats * att[:, None]).sum(dim=(2, 3))
+        return F.normalize(total, dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# PCA-whitening of the reduction layer
+# ---------------------------------------------------------------------------------------------
+
+
+def whitening_from_moments(mean: np.ndarray, cov: np.ndarray, dim: int,
+                           shrinkage: float = 1.0) -> Tuple[np.ndarray, np.ndarray]:
+    """PCA-whitening from a mean (C,) and covariance (C, C): returns (mean, projection (dim, C)),
+    projection = top-dim eigenvectors^T scaled by eigenvalue^(-shrinkage/2)."""
+    if dim > len(mean):
+        raise ValueError(f"whitening dim {dim} > descriptor dim {len(mean)}")
+    eigval, eigvec = np.linalg.eigh(np.asarray(cov, np.float64))
+    order = np.argsort(eigval)[::-1][:dim]
+    # Floor tiny eigenvalues so rank-deficient data cannot blow up to inf.
+    eigval = np.maximum(eigval[order], 1e-8 * max(eigval.max(), 1e-12))
+    projection = (eigvec[:, order] * eigval ** (-shrinkage / 2)).T
+    return np.asarray(mean, np.float32), projection.astype(np.float32)
+
+
+def learn_pca_whitening(descriptors: np.ndarray, dim: int,
+                        shrinkage: float = 1.0) -> Tuple[np.ndarray, np.ndarray]:
+    """PCA-whitening from (N, C) descriptors: returns (mean (C,), projection (dim, C))."""
+    descriptors = np.asarray(descriptors, np.float64)
+    if descriptors.ndim != 2 or len(descriptors) < 2:
+        raise ValueError(f"need at least 2 descriptors to learn whitening, got {descriptors.shape}")
+    mean = descriptors.mean(axis=0)
+    return whitening_from_moments(mean, np.cov(descriptors, rowvar=False), dim, shrinkage)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = "how-met/1"
+
+
+def _read_checkpoint(source: str) -> dict:
+    """torch.load(weights_only=True) of a path or http(s) URL (never runs code from the file)."""
+    if str(source).startswith(("http://", "https://")):
+        cache = Path(os.environ.get("HOW_MET_CACHE", Path.home() / ".cache" / "how-met"))
+        cache.mkdir(parents=True, exist_ok=True)
+        target = cache / Path(str(source).split("?")[0]).name
+        if not target.exists():
+            tmp = target.with_name(target.name + ".part")
+            try:
+                urllib.request.urlretrieve(str(source), tmp)
+            except OSError as exc:
+                raise RuntimeError(f"{source}: download failed ({exc})") from None
+            os.replace(tmp, target)
+        source = target
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        reason = str(exc).split("\n")[0][:200]
+        raise RuntimeError(f"{path}: not a loadable checkpoint ({reason})") from None
+
+
+_RESNET_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
+
+
+def _official_backbone(arch: str, skip_layer: int) -> Tuple[str, str]:
+    """how-met backbone name and layer for an official HOW architecture + skip_layer."""
+    arch = arch.lower()
+    if arch not in _RESNET_DIMS:
+        raise ValueError(f"unsupported HOW architecture {arch!r}")
+    if arch not in BACKBONES:
+        raise ValueError(f"HOW architecture {arch!r} is not one of how-met's backbones")
+    return arch, ("layer3" if skip_layer else "layer4")
+
+
+def load_model(source: str, device: str = "cpu") -> HOWNet:
+    """Load an official HOW checkpoint (old or new layout) or a how-met model file."""
+    ckpt = _read_checkpoint(source)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise RuntimeError(f"{source}: no 'state_dict' in checkpoint")
+    state = ckpt["state_dict"]
+    if ckpt.get("format") == CHECKPOINT_FORMAT:
+        config = ModelConfig(**json.loads(ckpt["config"]))
+        model = HOWNet(config, imagenet=False)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"{source}: checkpoint does not match its config "
+                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        return model.to(device).eval()
+    if "meta" in ckpt:  # old official layout
+        meta = ckpt["meta"]
+        arch, skip = meta.get("architecture"), int(meta.get("skip_layer", 0))
+        w_key, b_key = "whiten.weight", "whiten.bias"
+    elif "net_params" in ckpt:  # new official layout
+        meta = ckpt["net_params"]
+        arch, skip = meta.get("architecture"), int(meta.get("skip_layer", 0))
+        w_key, b_key = "dim_reduction.weight", "dim_reduction.bias"
+    else:
+        raise RuntimeError(f"{source}: unknown checkpoint layout (keys {sorted(ckpt)[:5]})")
+    backbone, layer = _official_backbone(str(arch), skip)
+    if w_key not in state:
+        raise RuntimeError(f"{source}: missing {w_key}")
+    dim = int(state[w_key].shape[0])
+    model = HOWNet(ModelConfig(backbone, layer, dim, checkpoint=str(source)), imagenet=False)
+    trunk_state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+    expected = model.trunk.features.state_dict()
+    missing = sorted(set(expected) - set(trunk_state))
+    extra = sorted(set(trunk_state) - set(expected))
+    if missing:
+        raise RuntimeError(f"{source}: trunk weights missing ({missing[:3]}...)")
+    if extra:  # e.g. layer4 weights in a skip_layer checkpoint: ignore what the trunk drops
+        trunk_state = {k: v for k, v in trunk_state.items() if k in expected}
+    model.trunk.features.load_state_dict(trunk_state)
+    with torch.no_grad():
+        model.dim_reduction.weight.copy_(state[w_key].reshape(model.dim_reduction.weight.shape))
+        model.dim_reduction.bias.copy_(state[b_key])
+    model.whitening_learned.fill_(True)
+    return model.to(device).eval()
+
+
+def save_model(model: HOWNet, path: os.PathLike) -> None:
+    """Save a how-met model (weights + config + learned whitening), loadable without pickle."""
+    from .utils import atomic_path
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "config": json.dumps(asdict(model.config)),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def build_model(backbone: str = "efficientnet-lite0", layer: Optional[str] = None, dim: int = 128,
+                checkpoint: Optional[str] = None, device: str = "cpu") -> HOWNet:
+    """A checkpoint if given, else the backbone with its offline ImageNet weights."""
+    if checkpoint:
+        return load_model(checkpoint, device)
+    if BACKBONES[backbone][0] != "effnet":
+        raise ValueError(f"{backbone}: no offline ImageNet weights; pass a HOW checkpoint "
+                         f"(path or URL) with --checkpoint")
+    return HOWNet(ModelConfig(backbone, layer, dim), imagenet=True).to(device).eval()

@@ -1,0 +1,61 @@
+"""Shared fixtures. Real data comes from ../shared/data (beside the repository)."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HOW_MET_QUIET", "1")
+os.environ.setdefault("HOW_MET_THREADS", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("HOW_MET_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def _dataset_dir(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not (path / "database.json").exists():
+        pytest.skip(f"real evaluation data not found at {path} (set HOW_MET_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def museum_dir() -> Path:
+    return _dataset_dir("museum")
+
+
+@pytest.fixture(scope="session")
+def landmarks_dir() -> Path:
+    return _dataset_dir("landmarks")
+
+
+@pytest.fixture(scope="session")
+def museum_pairs(museum_dir):
+    """[(query key, its database key)] for the positive museum queries, and db keys by class."""
+    db = json.loads((museum_dir / "database.json").read_text())
+    queries = json.loads((museum_dir / "queries.json").read_text())
+    by_class = {entry["id"]: entry["path"] for entry in db}
+    pairs = [(q["path"], by_class[q["MET_id"]]) for q in queries if "MET_id" in q]
+    return pairs, by_class
+
+
+# Small, fast extraction settings for tests (the real defaults are larger).
+TEST_CONFIG = {
+    "model": {"backbone": "efficientnet-lite0", "layer": None, "dim": 64},
+    "scales": [1.0, 0.707],
+    "features_num": 300,
+    "image_size": 320,
+    "gem": True,
+}
+
+
+@pytest.fixture(scope="session")
+def whitened_model(museum_dir):
+    """EfficientNet-Lite0 (ImageNet) with a 64-D whitening learned from 12 museum images."""
+    from how_met.extract import learn_whitening
+    from how_met.network import build_model
+    db = json.loads((museum_dir / "database.json").read_text())
+    model = build_model(**TEST_CONFIG["model"])
+    learn_whitening(model, museum_dir / "images", [e["path"] for e in db[:12]], TEST_CONFIG,
+                    num_images=12, workers=0)
+    return model

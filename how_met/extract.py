@@ -174,6 +174,14 @@ def _extract_batches(model: HOWNet, image_root: Path, keys: Sequence[str], confi
         bar.close()
 
 
+def _inference_copy(model: HOWNet) -> HOWNet:
+    """BatchNorm folded, channels_last on CPU: same outputs, faster."""
+    runner = model.fused()
+    if runner.device.type == "cpu":
+        runner.to(memory_format=torch.channels_last)
+    return runner
+
+
 def _check_decoded(item, skip_bad: bool) -> bool:
     key, tensor, _, error = item
     if error is None:
@@ -212,7 +220,7 @@ def learn_whitening(model: HOWNet, image_root, keys: Sequence[str], config=None,
     sums = None
     raw: Dict[str, LocalFeatures] = {}
     count = 0
-    for key, feats in _extract_batches(model, Path(image_root), sample, config, batch_size,
+    for key, feats in _extract_batches(_inference_copy(model), Path(image_root), sample, config, batch_size,
                                        workers, skip_bad, reduce=False, desc="whitening"):
         # Learn from at most features_per_image of the strongest features (already sorted).
         desc = feats.descriptors[:features_per_image].astype(np.float64)
@@ -278,8 +286,6 @@ def extract_to_store(image_root, keys: Sequence[str], output, config=None,
     if model is None:
         model = build_model(**config["model"], device=device)
     model.to(device).eval()
-    if model.device.type == "cpu":
-        model.to(memory_format=torch.channels_last)
     if workers is None:
         workers = 1
     keys = sorted(dict.fromkeys(keys))
@@ -299,6 +305,7 @@ def extract_to_store(image_root, keys: Sequence[str], output, config=None,
             if model_out:
                 save_model(model, model_out)
         store.set_config(store_config(model, config))
+        runner = _inference_copy(model) if todo else model
         features_num = config["features_num"]
         for key in todo:
             if key in raw:
@@ -310,7 +317,7 @@ def extract_to_store(image_root, keys: Sequence[str], output, config=None,
                 store.write(key, _project(model, feats), float16=float16)
                 done += 1
         remaining = [k for k in todo if k not in store]
-        for key, feats in _extract_batches(model, image_root, remaining, config, batch_size,
+        for key, feats in _extract_batches(runner, image_root, remaining, config, batch_size,
                                            workers, skip_bad, reduce=True, autocast=autocast):
             store.write(key, feats, float16=float16)
             done += 1

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# HOW+ASMK vs global descriptors (and their fusion and the reranker) on the real sets in
+# ../shared/data, with the default offline backbone (EfficientNet-Lite0, ImageNet).
+#   eval/compare_shared.sh [WORK_ROOT]
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+DATA=${HOW_MET_SHARED_DATA:-$HERE/../shared/data}
+WORK=${1:-shared-eval}
+for set in museum landmarks; do
+  how-met evaluate --data "$DATA/$set" --cv 2 --work "$WORK/$set"
+done

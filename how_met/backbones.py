@@ -195,8 +195,9 @@ class EfficientNetTrunk(Trunk):
         self.global_channels = 1280
 
     def _probe(self) -> Tuple[int, int]:
+        # eval(): a probe in training mode would update the BatchNorm running statistics.
         with torch.no_grad():
-            out = self.forward(torch.zeros(1, 3, 64, 64))
+            out = self.eval().forward(torch.zeros(1, 3, 64, 64))
         return out.shape[1], 64 // out.shape[-1]
 
     def _run(self, x, want_global: bool):
@@ -246,7 +247,7 @@ class ResNetTrunk(Trunk):
 
     def _probe(self):
         with torch.no_grad():
-            out = self.features(torch.zeros(1, 3, 64, 64))
+            out = self.eval().features(torch.zeros(1, 3, 64, 64))
         return out.shape[1], 64 // out.shape[-1]
 
     def forward(self, x):

@@ -312,6 +312,8 @@ def fuse_neighbours(indices_a, scores_a, indices_b, scores_b, weight: float, k: 
     k = max(ia.shape[1], ib.shape[1]) if k is None else int(k)
     valid_a = (ia >= 0) & (sa > -np.inf)
     valid_b = (ib >= 0) & (sb > -np.inf)
+    # Padding scores are -inf; zero them so that weight 0 or 1 never computes 0 * -inf.
+    sa, sb = np.where(valid_a, sa, 0.0), np.where(valid_b, sb, 0.0)
 
     def floor(s, valid):  # lowest listed score per query, 0 for an empty list
         lowest = np.where(valid, s, np.inf).min(axis=1, initial=np.inf)

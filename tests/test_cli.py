@@ -1,0 +1,53 @@
+"""The `how-met` command line: extract over a folder, shards + merge, whiten, clear errors."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from how_met.cli import main
+from how_met.features import FeatureStore
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory, museum_dir):
+    root = tmp_path_factory.mktemp("photos")
+    db = json.loads((museum_dir / "database.json").read_text())
+    for entry in db[:4]:
+        shutil.copy(museum_dir / "images" / entry["path"], root / entry["path"].split("/")[-1])
+    return root
+
+
+FAST = ["--image-size", "256", "--scales", "1", "--features-num", "150", "--workers", "0"]
+
+
+def test_whiten_then_extract_shards_and_merge(tmp_path, photo_dir, capsys):
+    model = tmp_path / "model.pt"
+    assert main(["whiten", "--images", str(photo_dir), "--out", str(model), *FAST]) == 0
+    for i in range(2):
+        assert main(["extract", "--images", str(photo_dir), "-o", str(tmp_path / f"s{i}.h5"),
+                     "--checkpoint", str(model), "--shard", f"{i}/2", "--float16", *FAST]) == 0
+    assert main(["merge", str(tmp_path / "all.h5"), str(tmp_path / "s0.h5"), str(tmp_path / "s1.h5")]) == 0
+    with FeatureStore(tmp_path / "all.h5") as store:
+        assert len(store) == 4
+        assert store.config["features_num"] == 150 and store.config["scales"] == [1.0]
+        assert store._file[store.keys()[0]]["descriptors"].dtype == np.float16
+    # Extracting again skips everything already stored.
+    capsys.readouterr()
+    assert main(["extract", "--images", str(photo_dir), "-o", str(tmp_path / "s0.h5"),
+                 "--checkpoint", str(model), "--shard", "0/2", "--float16", *FAST]) == 0
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert stats["extracted"] == 0 and stats["skipped_existing"] == 2
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["extract", "--images", str(tmp_path / "nope"), "-o", str(tmp_path / "f.h5")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "nope: not a directory" in err
+    assert main(["extract", "--images", str(tmp_path), "-o", str(tmp_path / "f.h5"),
+                 "--shard", "3/2"]) == 1
+    assert "--shard 3/2" in capsys.readouterr().err
+    (tmp_path / "bad.h5").write_text("not hdf5")
+    assert main(["codebook", "--features", str(tmp_path / "bad.h5"), "--size", "8",
+                 "--out", str(tmp_path / "c.npz")]) == 1
+    assert "bad.h5" in capsys.readouterr().err

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import os
 import resource
 import sys
@@ -99,9 +100,7 @@ class SyntheticMuseum:
 
 def reference_available() -> bool:
     try:
-        import asmk.kernel  # noqa: F401
-        import asmk.inverted_file  # noqa: F401
-        return True
+        return importlib.util.find_spec("asmk.inverted_file") is not None
     except ImportError:
         return False
 

@@ -45,7 +45,7 @@ METHODS = ("global", "how-asmk", "fusion", "global+rerank")
 DEFAULT_SETTINGS = {
     "extract": copy.deepcopy(CONFIGS[DEFAULT_CONFIG]),
     "checkpoint": None,
-    "codebook_size": None,            # None: ~200 database descriptors per word, in [256, 65536]
+    "codebook_size": None,            # None: ~200 database descriptors per word, in [1024, 65536]
     "codebook_iterations": 10,
     "multiple_assignment": 5,
     "neighbours": 100,                # database images kept per query (>= the largest K)
@@ -59,16 +59,22 @@ QUICK_SETTINGS = {
     **copy.deepcopy(DEFAULT_SETTINGS),
     "extract": {**copy.deepcopy(CONFIGS[DEFAULT_CONFIG]), "features_num": 400, "image_size": 320,
                 "scales": [1.0, 0.707]},
-    "codebook_size": 256,
 }
 DEMO_SETTINGS = copy.deepcopy(DEFAULT_SETTINGS)
 
 
 def auto_codebook_size(n_descriptors: int) -> int:
     """~200 descriptors per visual word (the published 65k words for ~20M descriptors are ~300),
-    rounded to a power of two and kept within [256, 65536]."""
+    rounded to a power of two and kept within [1024, 65536].
+
+    Measured HOW+ASMK GAP (2-fold cross-tuned) with the default extractor: museum (231k
+    database descriptors) 97.3 at 1k words, 90.6 at 4k, 89.8 at 16k; landmarks (9k) 68.1 at
+    256, 69.7 at 1k, 71.1 at 4k; demo museum (36k) 33.8 at 256, 60.7 at 1k, 86.1 at 4k.
+    Fewer than 1k words are never better: with query multiple assignment 5 nearly every word
+    is hit and the binary signatures of large residual sums stop telling images apart.
+    """
     words = 2 ** int(round(math.log2(max(n_descriptors, 1) / 200)))
-    return int(min(65536, max(256, words)))
+    return int(min(65536, max(1024, words)))
 
 
 class _Timings:

@@ -40,7 +40,7 @@ def test_settings_change_needs_a_new_work_dir(tmp_path):
 
 def test_auto_codebook_size():
     assert evaluate.auto_codebook_size(231_000) == 1024
-    assert evaluate.auto_codebook_size(1_000) == 256
+    assert evaluate.auto_codebook_size(1_000) == 1024
     assert evaluate.auto_codebook_size(397_121_000) == 65536
 
 

@@ -6,8 +6,9 @@ For each backbone (the default EfficientNet-Lite0 and ResNet18 -- random weights
 it extracts the same real images twice and prints images/s:
   naive    : image decoded in the main process, batch 1, one scale at a time through a plain
              eager model under torch.no_grad (what the research code does);
-  how-met  : extract_to_store (decoding in a worker process, inference mode, channels_last,
-             BatchNorm folded into the convolutions, GeM sharing the local passes).
+  how-met  : extract_to_store (inference mode, BatchNorm folded into the convolutions,
+             channels_last for ResNets, GeM sharing the local passes, decoding in worker
+             processes when there are spare cores, JPEG draft decoding of large images).
 Both compute the same outputs (local features at every scale + multi-scale GeM).
 """
 from __future__ import annotations

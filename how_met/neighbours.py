@@ -44,6 +44,7 @@ class Neighbours:
                              f"{self.scores.shape} differ in shape")
         if self.indices.size and (self.indices.max() >= len(self.db_keys) or self.indices.min() < -1):
             raise ValueError(f"neighbours: indices outside [-1, {len(self.db_keys)})")
+        self._rows = None  # query key -> row, built on first top()
 
     # -- access ------------------------------------------------------------------------------
     @property
@@ -55,10 +56,11 @@ class Neighbours:
 
     def top(self, query_key: str) -> List[Tuple[str, float]]:
         """[(db_key, score)] of one query, best first, padding left out."""
-        try:
-            row = self.query_keys.index(query_key)
-        except ValueError:
-            raise KeyError(f"no neighbours for query {query_key!r}") from None
+        if self._rows is None:
+            self._rows = {key: row for row, key in reversed(list(enumerate(self.query_keys)))}
+        row = self._rows.get(query_key)
+        if row is None:
+            raise KeyError(f"no neighbours for query {query_key!r}")
         return [(self.db_keys[i], float(s)) for i, s in zip(self.indices[row], self.scores[row]) if i >= 0]
 
     def compacted(self) -> "Neighbours":

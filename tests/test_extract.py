@@ -82,24 +82,24 @@ def _assert_same(a, b):
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
 
 
-def test_resume_after_interruption(tmp_path, museum_dir, museum_keys, whitened_model, extracted):
+def test_resume_after_interruption(tmp_path, museum_dir, museum_keys, whitened_model, extracted,
+                                   monkeypatch):
+    import how_met.extract as extract_module
     out = tmp_path / "resume.h5"
     calls = {"n": 0}
-    original = whitened_model.extract
+    original = extract_module._to_local_features
 
-    def crash_on_third(*args, **kwargs):
+    def crash_on_third(*args, **kwargs):  # the process dies while the third image is computed
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    whitened_model.extract = crash_on_third
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            extract_to_store(museum_dir / "images", museum_keys, out, config=TEST_CONFIG,
-                             model=whitened_model, workers=0)
-    finally:
-        del whitened_model.extract
+    monkeypatch.setattr(extract_module, "_to_local_features", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        extract_to_store(museum_dir / "images", museum_keys, out, config=TEST_CONFIG,
+                         model=whitened_model, workers=0)
+    monkeypatch.setattr(extract_module, "_to_local_features", original)
     with FeatureStore(out) as store:
         assert len(store) == 2  # two complete images, nothing half-written
     stats = extract_to_store(museum_dir / "images", museum_keys, out, config=TEST_CONFIG,

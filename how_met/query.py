@@ -175,6 +175,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--query-batch", type=int, default=32, help="query images searched together")
     p.add_argument("--image-root", type=Path, help="with --images LIST: folder the listed paths are relative to")
     p.add_argument("--save-features", type=Path, help="with --images: keep the extracted query features here")
+    p.add_argument("--rerank", action="store_true",
+                   help="rerank each query's top-k with spatial verification (needs --db-features)")
+    p.add_argument("--db-features", type=Path, help="with --rerank: the database feature store")
     try:  # the extractor's model options (--checkpoint, --config, --device, ...)
         from .extract import add_model_arguments
         add_model_arguments(p)
@@ -186,25 +189,37 @@ def run_cli(args) -> int:
     configure_threads()
     options = dict(k=args.k, multiple_assignment=args.multiple_assignment, alpha=args.alpha, tau=args.tau,
                    use_idf=args.use_idf, batch_size=args.query_batch)
+    if args.rerank and args.db_features is None:
+        raise ValueError("--rerank needs --db-features: the database feature store the index was built from")
     index, codebook = _load(args.index, args.codebook)
-    if args.features is not None:
-        result = query_store(index, codebook, args.features, **options)
-    else:
-        from .extract import config_from_args, model_from_args
-        if not getattr(args, "checkpoint", None):
-            raise ValueError("--images needs --checkpoint: the model (with its learned whitening) the "
-                             "database features were extracted with")
-        config = config_from_args(args)
-        # extract queries as the database was, unless an option says otherwise
-        recorded = index.extractor or {}
-        for name in ("scales", "features_num", "image_size", "gem"):
-            if name in recorded and getattr(args, name, None) is None:
-                config[name] = recorded[name]
-        model = model_from_args(args, config)
-        result = query_images(index, codebook, args.images, image_root=args.image_root, model=model,
-                              config=config, device=args.device, features_out=args.save_features,
-                              workers=args.workers, extract_batch_size=args.batch_size, **options)
+    with tempfile.TemporaryDirectory(prefix="how-met-query-") as tmp:
+        query_features = args.features
+        if args.features is not None:
+            result = query_store(index, codebook, args.features, **options)
+        else:
+            from .extract import config_from_args, model_from_args
+            if not getattr(args, "checkpoint", None):
+                raise ValueError("--images needs --checkpoint: the model (with its learned whitening) the "
+                                 "database features were extracted with")
+            config = config_from_args(args)
+            # extract queries as the database was, unless an option says otherwise
+            recorded = index.extractor or {}
+            for name in ("scales", "features_num", "image_size", "gem"):
+                if name in recorded and getattr(args, name, None) is None:
+                    config[name] = recorded[name]
+            model = model_from_args(args, config)
+            query_features = args.save_features or Path(tmp) / "queries.h5"
+            result = query_images(index, codebook, args.images, image_root=args.image_root, model=model,
+                                  config=config, device=args.device, features_out=query_features,
+                                  workers=args.workers, extract_batch_size=args.batch_size, **options)
+        if args.rerank:
+            # Spatial verification of each query's ASMK top-k, fused with its ASMK score.
+            from .rerank import Reranker, rerank_neighbours
+            with Reranker(args.db_features, codebook, index=index,
+                          multiple_assignment=args.multiple_assignment) as reranker:
+                result = rerank_neighbours(reranker, query_features, result)
     result.save(args.out)
     answered = int((result.indices[:, 0] >= 0).sum()) if len(result) else 0
-    print(json.dumps({"results": str(args.out), "queries": len(result), "with_neighbours": answered, "k": args.k}))
+    print(json.dumps({"results": str(args.out), "queries": len(result), "with_neighbours": answered,
+                      "k": args.k, "reranked": bool(args.rerank)}))
     return 0

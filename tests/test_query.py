@@ -181,8 +181,18 @@ def test_museum_true_painting_ranks_first(tmp_path_factory, museum_dir, museum_p
     assert main(["query", "--index", str(tmp / "index"), "--codebook", str(tmp / "cb.npz"),
                  "--images", str(tmp / "queries.txt"), "--image-root", str(museum_dir / "images"),
                  "--checkpoint", str(tmp / "model.pt"), "--workers", "0", "--out", str(tmp / "r.h5"),
-                 "-k", "5"]) == 0
+                 "-k", "5", "--save-features", str(tmp / "q.h5")]) == 0
     result = Neighbours.load(tmp / "r.h5")
     top1 = np.mean([result.top(q)[0][0] == db for q, db in pairs])
     print(f"museum ASMK top-1 {top1:.3f}")
     assert top1 >= MUSEUM_MIN_TOP1, f"top-1 {top1:.3f}"
+    # --rerank: spatial verification of the top-5 keeps the true painting first
+    assert main(["query", "--index", str(tmp / "index"), "--codebook", str(tmp / "cb.npz"),
+                 "--features", str(tmp / "q.h5"), "--rerank", "--db-features", str(db_store),
+                 "--out", str(tmp / "rr.h5"), "-k", "5"]) == 0
+    reranked = Neighbours.load(tmp / "rr.h5")
+    top1_reranked = np.mean([reranked.top(q)[0][0] == db for q, db in pairs])
+    print(f"museum ASMK + rerank top-1 {top1_reranked:.3f}")
+    assert top1_reranked >= MUSEUM_MIN_TOP1, f"reranked top-1 {top1_reranked:.3f}"
+    assert main(["query", "--index", str(tmp / "index"), "--codebook", str(tmp / "cb.npz"),
+                 "--features", str(tmp / "q.h5"), "--rerank", "--out", str(tmp / "x.h5")]) == 1

@@ -36,7 +36,7 @@ from .features import FeatureStore
 from .metrics import evaluate_predictions
 from .neighbours import Neighbours
 from .network import build_model, load_model, save_model
-from .utils import configure_threads, write_json
+from .utils import atomic_path, configure_threads, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -198,8 +198,12 @@ def _aligned(neigh: Neighbours, ds: Dataset) -> Tuple[np.ndarray, np.ndarray]:
 
 def stage_rerank(ds: Dataset, work: Path, features: Path, codebook, global_neigh: Neighbours,
                  settings: dict, timings: _Timings):
-    """Scores of the global top-``rerank_shortlist`` from the local-feature reranker."""
+    """Score components (global, ASMK, inliers) of the global top-``rerank_shortlist`` from the
+    local-feature reranker, saved to neighbours/global+rerank.npz (plain arrays)."""
     from .rerank import Reranker, score_shortlist
+    saved = load_rerank_scores(work)
+    if saved is not None:
+        return saved
     shortlist_size = settings["rerank_shortlist"]
     shortlist = Neighbours(global_neigh.query_keys, global_neigh.db_keys,
                            global_neigh.indices[:, :shortlist_size], global_neigh.scores[:, :shortlist_size])
@@ -208,7 +212,26 @@ def stage_rerank(ds: Dataset, work: Path, features: Path, codebook, global_neigh
         scores = score_shortlist(reranker, features, shortlist)
     timings.set("global+rerank_query_ms", 1000 * (time.perf_counter() - started) / max(1, len(ds.query_keys))
                 + timings.get("global_query_ms", 0.0))
+    with atomic_path(work / RERANK_SCORES, suffix=".npz") as tmp:
+        np.savez(tmp, query_keys=np.array(scores.query_keys, dtype=str),
+                 db_keys=np.array(list(scores.db_keys), dtype=str),
+                 **{name: getattr(scores, name) for name in _RERANK_FIELDS})
     return scores
+
+
+RERANK_SCORES = Path("neighbours") / "global+rerank.npz"
+_RERANK_FIELDS = ("indices", "global_scores", "asmk", "inliers")
+
+
+def load_rerank_scores(work: Path):
+    """The saved ShortlistScores of the global+rerank stage, or None if not computed yet."""
+    from .rerank import ShortlistScores
+    path = Path(work) / RERANK_SCORES
+    if not path.exists():
+        return None
+    with np.load(path, allow_pickle=False) as saved:
+        return ShortlistScores(query_keys=saved["query_keys"].tolist(), db_keys=saved["db_keys"].tolist(),
+                               **{name: saved[name] for name in _RERANK_FIELDS})
 
 
 # ---------------------------------------------------------------------------------------------

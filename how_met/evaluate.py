@@ -31,7 +31,7 @@ import numpy as np
 
 from . import knn
 from .datasets import DISTRACTOR, Dataset, load_dataset, load_met
-from .extract import (CONFIGS, DEFAULT_CONFIG, _floats, extract_to_store)
+from .extract import CONFIGS, DEFAULT_CONFIG, _floats, config_from_args, extract_to_store
 from .features import FeatureStore
 from .metrics import evaluate_predictions
 from .neighbours import Neighbours
@@ -450,17 +450,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args) -> dict:
     settings = copy.deepcopy(QUICK_SETTINGS if args.quick else DEFAULT_SETTINGS)
-    extract = settings["extract"]
-    if args.config:
-        extract = copy.deepcopy(CONFIGS[args.config])
-    if args.backbone:
-        extract["model"]["backbone"] = args.backbone
-    if args.layer:
-        extract["model"]["layer"] = args.layer
-    for name in ("scales", "features_num", "image_size"):
-        if getattr(args, name) is not None:
-            extract[name] = getattr(args, name)
-    settings["extract"] = extract
+    settings["extract"] = config_from_args(args, base=settings["extract"])
     for name in ("checkpoint", "codebook_size", "global_dims"):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)

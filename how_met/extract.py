@@ -401,8 +401,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="image decoding processes (default: 0 on <= 2 free cores)")
 
 
-def config_from_args(args) -> dict:
-    config = _resolve_config(args.config)
+def config_from_args(args, base: Optional[dict] = None) -> dict:
+    """The extraction config: ``--config`` (else ``base``, else the default) with the
+    command line's overrides applied."""
+    config = _resolve_config(args.config) if args.config or base is None else copy.deepcopy(base)
     for name in ("scales", "features_num", "image_size"):
         if getattr(args, name, None) is not None:
             config[name] = getattr(args, name)

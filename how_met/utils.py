@@ -58,9 +58,10 @@ def configure_threads(n: Optional[int] = None) -> int:
 
 def progress(iterable: Iterable = None, desc: str = "", total: Optional[int] = None,
              unit: str = "it", disable: Optional[bool] = None) -> Iterator:
-    """A tqdm progress bar on stderr; silenced by HOW_MET_QUIET=1."""
-    if disable is None:
-        disable = os.environ.get("HOW_MET_QUIET") == "1"
+    """A tqdm progress bar on stderr; silenced by HOW_MET_QUIET=1 and when stderr is not a
+    terminal (so logs of batch jobs hold results, not bars)."""
+    if disable is None and os.environ.get("HOW_MET_QUIET") == "1":
+        disable = True
     return tqdm(iterable, desc=desc, total=total, unit=unit, disable=disable,
                 file=sys.stderr, dynamic_ncols=True, leave=False)
 

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -14,12 +15,44 @@ from tqdm.auto import tqdm
 logger = logging.getLogger("how_met")
 
 
+def _cpu_times():
+    """(all-CPU busy jiffies, all-CPU total jiffies, this process's jiffies) from /proc."""
+    with open("/proc/stat") as fh:
+        values = [int(v) for v in fh.readline().split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    total = sum(values[:8])  # guest time is already counted in user/nice
+    with open("/proc/self/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    own = int(fields[11]) + int(fields[12])  # utime + stime, all threads
+    return total - idle, total, own
+
+
+def _cores_busy_elsewhere(cores: int, interval: float = 0.2) -> float:
+    """How many cores other processes keep busy right now (sampled over ``interval``).
+
+    The load average would count this process's own recent work as "busy" (after a stage
+    that used both cores, the next would get one thread), so it is only the fallback.
+    """
+    try:
+        busy0, total0, own0 = _cpu_times()
+        time.sleep(interval)
+        busy1, total1, own1 = _cpu_times()
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0]
+        except OSError:
+            return 0.0
+    span = (total1 - total0) / max(cores, 1)  # jiffies per core in the interval
+    if span <= 0:
+        return 0.0
+    return max(0.0, (busy1 - busy0) - (own1 - own0)) / span
+
+
 def free_cores() -> int:
-    """Cores this process may use that are not already busy.
+    """Cores this process may use that other processes are not already using.
 
     ``HOW_MET_THREADS`` overrides. Oversubscribing a busy machine is far worse than using one
-    core fewer (faiss on a loaded 2-core box ran 6x slower with 2 threads than with 1), so the
-    1-minute load average of *other* processes is subtracted from the cores we may run on.
+    core fewer (faiss on a loaded 2-core box ran 6x slower with 2 threads than with 1).
     """
     env = os.environ.get("HOW_MET_THREADS")
     if env:
@@ -28,11 +61,8 @@ def free_cores() -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS / Windows
         cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
-    return max(1, min(cores, int(round(cores - busy + 0.49))))
+    busy = _cores_busy_elsewhere(cores)
+    return max(1, min(cores, int(round(cores - busy + 0.25))))
 
 
 def configure_threads(n: Optional[int] = None) -> int:

@@ -677,6 +677,16 @@ class InvertedFile:
         ivf.path = path
         return ivf
 
+    def check_codebook(self, codebook) -> None:
+        """Refuse a codebook other than the one this index was built with."""
+        where = self.path or "the inverted file"
+        if self.codebook_fingerprint and self.codebook_fingerprint != codebook.fingerprint:
+            raise ValueError(f"{where}: was built with another codebook (fingerprint "
+                             f"{self.codebook_fingerprint}, given {codebook.fingerprint})")
+        if self.n_words != len(codebook.centroids) or self.dim != codebook.dim:
+            raise ValueError(f"{where}: has {self.n_words} words of dim {self.dim}; the codebook has "
+                             f"{len(codebook.centroids)} of dim {codebook.dim}")
+
     def __repr__(self) -> str:
         kind = "binary" if self.binary else "float"
         return (f"InvertedFile({len(self)} images, {self.n_postings} postings, {self.n_words} words, "
@@ -848,12 +858,7 @@ def build_index(features_path, codebook, out, append: bool = False, batch_size: 
         check_extractor(extractor, codebook.meta.get("extractor") or {}, features_path, "the codebook")
         if append and out.exists():
             ivf = InvertedFile.load(out, mmap=True)
-            if ivf.codebook_fingerprint and ivf.codebook_fingerprint != codebook.fingerprint:
-                raise ValueError(f"{out}: was built with another codebook (fingerprint "
-                                 f"{ivf.codebook_fingerprint}, given {codebook.fingerprint})")
-            if ivf.n_words != len(codebook.centroids) or ivf.dim != codebook.dim:
-                raise ValueError(f"{out}: index has {ivf.n_words} words of dim {ivf.dim}, the codebook "
-                                 f"{len(codebook.centroids)} of dim {codebook.dim}")
+            ivf.check_codebook(codebook)
             check_extractor(extractor, ivf.extractor, features_path, out)
         else:
             ivf = InvertedFile(len(codebook.centroids), codebook.dim, binary=binary, use_idf=use_idf,

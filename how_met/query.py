@@ -32,13 +32,7 @@ def _load(index, codebook):
         codebook = Codebook.load(codebook)
     if not isinstance(index, InvertedFile):
         index = InvertedFile.load(index, mmap=True)
-    where = index.path or "the inverted file"
-    if index.codebook_fingerprint and index.codebook_fingerprint != codebook.fingerprint:
-        raise ValueError(f"{where}: was built with another codebook (fingerprint "
-                         f"{index.codebook_fingerprint}, given {codebook.fingerprint})")
-    if index.n_words != len(codebook.centroids) or index.dim != codebook.dim:
-        raise ValueError(f"{where}: has {index.n_words} words of dim {index.dim}; the codebook has "
-                         f"{len(codebook.centroids)} of dim {codebook.dim}")
+    index.check_codebook(codebook)
     return index, codebook
 
 

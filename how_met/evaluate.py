@@ -262,6 +262,9 @@ def tune_and_test(candidates: List[Tuple[dict, np.ndarray, np.ndarray]], ds: Dat
     pred = np.full(nq, DISTRACTOR, np.int64)
     conf = np.zeros(nq)
     tested = np.zeros(nq, bool)
+    # each query's shortlist under the candidate its fold chose (for the report's top-5)
+    top_indices = np.full((nq, 5), -1, np.int64)
+    top_scores = np.full((nq, 5), -np.inf, np.float32)
     per_fold, grids = [], []
     for tune_rows, test_rows in folds:
         best = None
@@ -275,6 +278,9 @@ def tune_and_test(candidates: List[Tuple[dict, np.ndarray, np.ndarray]], ds: Dat
         out = knn.knn_predict(indices[test_rows], scores[test_rows], ds.db_labels, K, t, n_classes)
         metrics = evaluate_predictions(out.labels, out.log_odds, labels[test_rows])
         pred[test_rows], conf[test_rows], tested[test_rows] = out.labels, out.confidence, True
+        width = min(5, indices.shape[1])
+        top_indices[test_rows, :width] = indices[test_rows, :width]
+        top_scores[test_rows, :width] = scores[test_rows, :width]
         per_fold.append({**{k: 100 * v for k, v in metrics.items()}, "K": int(K), "t": float(t), **params})
         grids.append(np.asarray(grid) * 100)
     summary = {key: float(np.nanmean([f[key] for f in per_fold])) for key in ("GAP", "GAP-", "ACC")}
@@ -282,16 +288,16 @@ def tune_and_test(candidates: List[Tuple[dict, np.ndarray, np.ndarray]], ds: Dat
         values = [f[key] for f in per_fold]
         summary[key] = values[0] if len(set(map(str, values))) == 1 else "/".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
     return {"metrics": summary, "per_fold": per_fold, "grid": np.mean(grids, axis=0),
-            "pred": pred, "conf": conf, "tested": tested}
+            "pred": pred, "conf": conf, "tested": tested, "top_indices": top_indices,
+            "top_scores": top_scores}
 
 
-def _predictions_json(ds: Dataset, outcome: dict, indices: np.ndarray, scores: np.ndarray,
-                      top: int = 5) -> list:
+def _predictions_json(ds: Dataset, outcome: dict) -> list:
     rows = []
     for q in np.flatnonzero(outcome["tested"]):
         label, p = int(ds.query_labels[q]), int(outcome["pred"][q])
         best = [{"key": ds.db_keys[i], "label": int(ds.db_labels[i]), "score": float(s)}
-                for i, s in zip(indices[q, :top], scores[q, :top]) if i >= 0]
+                for i, s in zip(outcome["top_indices"][q], outcome["top_scores"][q]) if i >= 0]
         rows.append({"query": ds.query_keys[q], "label": label, "pred": p,
                      "conf": float(outcome["conf"][q]), "correct": bool(label != DISTRACTOR and p == label),
                      "top": best})
@@ -409,10 +415,7 @@ def run_evaluation(data_dir=None, work_dir="how-met-work", settings: Optional[di
         if grid.ndim == 2:
             results["tuning"][name] = {"K": list(knn.DEFAULT_KS), "t": list(knn.DEFAULT_TS),
                                        "GAP": np.round(grid, 2).tolist()}
-        chosen = lists[name][0] if len(lists[name]) == 1 else next(
-            c for c in lists[name] if all(str(c[0].get(k)) == str(outcome["per_fold"][0].get(k)) for k in c[0]))
-        write_json(work / "predictions" / f"{name}.json",
-                   _predictions_json(ds, outcome, chosen[1], chosen[2]))
+        write_json(work / "predictions" / f"{name}.json", _predictions_json(ds, outcome))
     write_json(work / "results.json", results)
     (work / "results.md").write_text(format_table(results) + "\n")
     return results

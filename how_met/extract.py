@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -158,7 +158,6 @@ def _extract_batches(model: HOWNet, image_root: Path, keys: Sequence[str], confi
     decoded = (item for item in _iter_decoded(image_root, keys, config["image_size"], workers)
                if _check_decoded(item, skip_bad))
     bar = progress(total=len(keys), desc=desc, unit="img")
-    bad = 0
     try:
         for batch in _batches(decoded, batch_size):
             images = torch.stack([item[1] for item in batch])

@@ -16,9 +16,9 @@ import json
 import math
 import os
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -288,16 +288,11 @@ def _read_checkpoint(source: str) -> dict:
         raise RuntimeError(f"{path}: not a loadable checkpoint ({reason})") from None
 
 
-_RESNET_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
-
-
 def _official_backbone(arch: str, skip_layer: int) -> Tuple[str, str]:
     """how-met backbone name and layer for an official HOW architecture + skip_layer."""
     arch = arch.lower()
-    if arch not in _RESNET_DIMS:
+    if not arch.startswith("resnet") or arch not in BACKBONES:
         raise ValueError(f"unsupported HOW architecture {arch!r}")
-    if arch not in BACKBONES:
-        raise ValueError(f"HOW architecture {arch!r} is not one of how-met's backbones")
     return arch, ("layer3" if skip_layer else "layer4")
 
 

@@ -1,14 +1,12 @@
 """Extraction invariants on real museum photos, store round trips, resume and shards."""
-import json
 
 import h5py
 import numpy as np
 import pytest
-import torch
 
 from conftest import TEST_CONFIG
 from how_met.extract import extract_to_store
-from how_met.features import FeatureStore, LocalFeatures, merge_stores
+from how_met.features import FeatureStore, merge_stores
 
 
 @pytest.fixture(scope="module")

@@ -146,8 +146,8 @@ def _class_id(path: Path, i: int, entry: dict, field_name: str, required: bool) 
     return int(value)
 
 
-def read_database(path) -> Tuple[List[str], np.ndarray]:
-    """Database entries ``{"id", "path"}`` -> (keys, labels int64)."""
+def _read_labelled(path, field_name: str, required: bool) -> Tuple[List[str], np.ndarray]:
+    """Entries with a unique "path" and a class id in ``field_name`` -> (keys, labels int64)."""
     path = Path(path)
     keys, labels, first_seen = [], [], {}
     for i, entry in enumerate(_read_entries(path)):
@@ -156,24 +156,21 @@ def read_database(path) -> Tuple[List[str], np.ndarray]:
             raise ValueError(f"{path}: entry {i} repeats the path {key!r} of entry {first_seen[key]}")
         first_seen[key] = i
         keys.append(key)
-        labels.append(_class_id(path, i, entry, "id", required=True))
-    if not keys:
-        raise ValueError(f"{path}: the database lists no images")
+        labels.append(_class_id(path, i, entry, field_name, required=required))
     return keys, np.asarray(labels, np.int64)
+
+
+def read_database(path) -> Tuple[List[str], np.ndarray]:
+    """Database entries ``{"id", "path"}`` -> (keys, labels int64)."""
+    keys, labels = _read_labelled(path, "id", required=True)
+    if not keys:
+        raise ValueError(f"{Path(path)}: the database lists no images")
+    return keys, labels
 
 
 def read_queries(path) -> Tuple[List[str], np.ndarray]:
     """Query entries ``{"path", "MET_id"?}`` -> (keys, labels int64, -1 for distractors)."""
-    path = Path(path)
-    keys, labels, first_seen = [], [], {}
-    for i, entry in enumerate(_read_entries(path)):
-        key = _entry_path(path, i, entry)
-        if key in first_seen:
-            raise ValueError(f"{path}: entry {i} repeats the path {key!r} of entry {first_seen[key]}")
-        first_seen[key] = i
-        keys.append(key)
-        labels.append(_class_id(path, i, entry, "MET_id", required=False))
-    return keys, np.asarray(labels, np.int64)
+    return _read_labelled(path, "MET_id", required=False)
 
 
 # -- images ---------------------------------------------------------------------------------------------

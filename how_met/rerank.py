@@ -151,18 +151,22 @@ def _det3(h):
 
 
 @numba.njit(cache=True, nogil=True)
+def _msac_cost(h, det, src, dst, thr2, jac_lo, jac_hi, use_scale):
+    """MSAC cost of one model: sum of min(err^2 / thr^2, 1) over correspondences."""
+    cost = 0.0
+    for i in range(src.shape[0]):
+        e = _squared_error(h, det, src[i, 0], src[i, 1], dst[i, 0], dst[i, 1], thr2[i],
+                           jac_lo[i], jac_hi[i], use_scale)
+        cost += 1.0 if e < 0.0 else e / thr2[i]
+    return cost
+
+
+@numba.njit(cache=True, nogil=True)
 def _msac_costs(H, src, dst, thr2, jac_lo, jac_hi, use_scale):
-    """MSAC cost of each model in H (B, 3, 3): sum of min(err^2 / thr^2, 1) over correspondences."""
+    """MSAC cost of each model in H (B, 3, 3)."""
     costs = np.empty(H.shape[0])
     for b in range(H.shape[0]):
-        h = H[b]
-        det = _det3(h)
-        cost = 0.0
-        for i in range(src.shape[0]):
-            e = _squared_error(h, det, src[i, 0], src[i, 1], dst[i, 0], dst[i, 1], thr2[i],
-                               jac_lo[i], jac_hi[i], use_scale)
-            cost += 1.0 if e < 0.0 else e / thr2[i]
-        costs[b] = cost
+        costs[b] = _msac_cost(H[b], _det3(H[b]), src, dst, thr2, jac_lo, jac_hi, use_scale)
     return costs
 
 
@@ -290,12 +294,7 @@ def _sample_models(samples, src_n, dst_n, Ts, Td_inv, src, dst, thr2, jac_lo, ja
                 break
         if not plausible:
             continue
-        cost = 0.0
-        for i in range(src.shape[0]):
-            e = _squared_error(H, det, src[i, 0], src[i, 1], dst[i, 0], dst[i, 1], thr2[i],
-                               jac_lo[i], jac_hi[i], use_scale)
-            cost += 1.0 if e < 0.0 else e / thr2[i]
-        costs[k] = cost
+        costs[k] = _msac_cost(H, det, src, dst, thr2, jac_lo, jac_hi, use_scale)
         models[k] = H
     return costs, models
 

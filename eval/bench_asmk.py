@@ -42,10 +42,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from how_met import asmk  # noqa: E402
-from how_met.codebook import Codebook, quantisation_recall  # noqa: E402
-from how_met.ivf import InvertedFile  # noqa: E402
-from how_met.query import query_descriptors  # noqa: E402
+from how_met.asmk.aggregation import aggregate  # noqa: E402
+from how_met.asmk.codes import unpack_signs  # noqa: E402
+from how_met.asmk.codebook import Codebook, quantisation_recall  # noqa: E402
+from how_met.asmk.inverted_file import InvertedFile  # noqa: E402
+from how_met.asmk.query import query_descriptors  # noqa: E402
 from how_met.utils import configure_threads  # noqa: E402
 
 MET_IMAGES = 397_121
@@ -192,7 +193,7 @@ def run(args) -> None:
             for t in targets[(targets >= built) & (targets < stop)]:
                 target_desc[int(t)] = desc[(t - built) * args.descriptors:(t - built + 1) * args.descriptors].copy()
             t0 = time.perf_counter()
-            agg = asmk.aggregate(desc, words, data.centroids, image)
+            agg = aggregate(desc, words, data.centroids, image)
             ivf.add_aggregated([f"db/{i:06d}" for i in range(built, stop)], agg)
             build_seconds += time.perf_counter() - t0
             built = stop
@@ -338,7 +339,7 @@ def check_conversion(ivf: InvertedFile) -> None:
     from asmk import hamming
     ivf.consolidate()
     codes = ivf._vectors[:1000]
-    bits = asmk.unpack_signs(codes, DIM).astype(np.float32) * 2 - 1
+    bits = unpack_signs(codes, DIM).astype(np.float32) * 2 - 1
     if not np.array_equal(hamming.binarize_and_pack_2D(bits), to_reference_codes(codes)):
         raise RuntimeError("code conversion to the asmk layout is wrong")
 

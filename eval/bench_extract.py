@@ -28,9 +28,10 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from how_met.extract import default_config, extract_to_store  # noqa: E402
-from how_met.images import load_image  # noqa: E402
-from how_met.network import GEM_SCALES, HOWNet, ModelConfig  # noqa: E402
+from how_met.features.extract import extract_to_store  # noqa: E402
+from how_met.features.settings import default_config  # noqa: E402
+from how_met.features.images import load_image  # noqa: E402
+from how_met.features.network import GEM_SCALES, HOWNet, ModelConfig  # noqa: E402
 from how_met.utils import configure_threads  # noqa: E402
 
 

@@ -29,15 +29,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from how_met.features import FeatureStore, LocalFeatures  # noqa: E402
-from how_met.rerank import Reranker  # noqa: E402
+from how_met.features.store import FeatureStore, LocalFeatures  # noqa: E402
+from how_met.verify.reranker import Reranker  # noqa: E402
 
 STRIDE = 16
 IMAGE = (1024, 768)
 
 
 def _codebook(centroids: np.ndarray):
-    from how_met.codebook import Codebook
+    from how_met.asmk.codebook import Codebook
     return Codebook.from_centroids(centroids)
 
 
@@ -54,7 +54,7 @@ def _random_features(rng, n, dim, desc=None, keypoints=None):
 def bench_rerank(n_candidates: int = 100, n_features: int = 1000, n_words: int = 65536, dim: int = 128,
                  n_queries: int = 5, matching: str = "words", seed: int = 0, workdir=None) -> dict:
     """Time reranking; returns ms figures (see the module docstring) and a one-line summary."""
-    from how_met.rerank import SpatialParams
+    from how_met.verify.reranker import SpatialParams
 
     rng = np.random.default_rng(seed)
     codebook = _codebook(rng.normal(size=(n_words, dim)).astype(np.float32))

@@ -1,7 +1,48 @@
 """how-met: HOW local descriptors + ASMK + kNN classification for instance-level recognition.
 
-Stages (one module each): extract -> codebook -> ivf (index) -> query -> knn/metrics ->
-evaluate -> report. Import what you need from the stage modules, e.g.
-``from how_met.extract import extract_to_store``.
+The package follows the data flow: ``features`` (images -> HDF5 feature store) -> ``asmk``
+(codebook -> inverted file -> ranked neighbours) -> ``verify`` (spatial reranking) ->
+``recognition`` (kNN classifier, GAP, tuning) -> ``pipeline`` (evaluate, report, demo).
+The main objects are importable from here, e.g. ``from how_met import Codebook``; each is
+loaded on first use, so importing ``how_met`` costs nothing.
 """
+from importlib import import_module
+
 __version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "Dataset": "datasets", "load_dataset": "datasets",
+    "FeatureStore": "features.store", "LocalFeatures": "features.store", "merge_stores": "features.store",
+    "HOWNet": "features.network", "ModelConfig": "features.network",
+    "build_model": "features.checkpoints", "load_model": "features.checkpoints",
+    "save_model": "features.checkpoints",
+    "PCAWhitening": "features.whitening",
+    "extract_to_store": "features.extract", "learn_whitening": "features.extract",
+    "Codebook": "asmk.codebook", "train_codebook": "asmk.codebook",
+    "InvertedFile": "asmk.inverted_file", "build_index": "asmk.indexing",
+    "query_descriptors": "asmk.query", "query_store": "asmk.query",
+    "Neighbours": "neighbours",
+    "Reranker": "verify.reranker", "SpatialParams": "verify.reranker",
+    "FusionWeights": "verify.scores", "score_shortlist": "verify.scores",
+    "rerank_neighbours": "verify.scores",
+    "global_neighbours": "recognition.global_search",
+    "knn_predict": "recognition.knn", "evaluate_predictions": "recognition.metrics",
+    "run_evaluation": "pipeline.evaluate", "query_images": "pipeline.query",
+    "write_report": "pipeline.report", "run_demo": "pipeline.demo",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'how_met' has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -52,8 +52,8 @@ TEST_CONFIG = {
 @pytest.fixture(scope="session")
 def whitened_model(museum_dir):
     """EfficientNet-Lite0 (ImageNet) with a 64-D whitening learned from 12 museum images."""
-    from how_met.extract import learn_whitening
-    from how_met.network import build_model
+    from how_met.features.checkpoints import build_model
+    from how_met.features.extract import learn_whitening
     db = json.loads((museum_dir / "database.json").read_text())
     model = build_model(**TEST_CONFIG["model"])
     learn_whitening(model, museum_dir / "images", [e["path"] for e in db[:12]], TEST_CONFIG,

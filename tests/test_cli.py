@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from how_met.cli import main
-from how_met.features import FeatureStore
+from how_met.features.store import FeatureStore
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from how_met.datasets import load_dataset, load_directory, load_met
-from how_met.fixtures import write_met_fixture
+from met_fixture import write_met_fixture
 
 
 @pytest.fixture(scope="module")

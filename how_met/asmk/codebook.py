@@ -1,0 +1,389 @@
+"""Visual-word codebook: faiss k-means training and nearest-centroid assignment.
+
+Assignment is exact (faiss flat L2) for small codebooks and approximate for large ones, where a
+brute-force scan of 65,536 centroids costs ~8 MFLOP per descriptor. Two approximate searches
+over the centroids are available:
+
+- ``"ivf"`` (default for large codebooks): the centroids are grouped by a second, coarse
+  k-means into lists of ~16 (K / 16 lists) and each descriptor scans the ``nprobe`` (4) lists
+  with the nearest coarse centroids (faiss ``IndexIVFFlat`` over the centroids).
+- ``"hnsw"``: a faiss HNSW graph over the centroids (M 32, efSearch 32).
+
+On structured synthetic 128-D data (65,536 words, top-5, one core) the IVF search found 99.98%
+of the exact 5 nearest words at ~20 ms per 1000 descriptors; HNSW needed about four times as
+long for 99.85% (efSearch 32), the exact search about ten times as long. Hence the default. :func:`quantisation_recall` measures the recall of whichever is in
+use against the exact search; training records it in the codebook's metadata.
+
+Files are ``.npz`` archives of plain arrays (read with ``allow_pickle=False``) holding the
+centroids, the coarse centroids of the IVF search when built, and the metadata as a JSON string;
+a readable ``.json`` copy of the metadata is written beside the archive.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import faiss
+import numpy as np
+
+from .settings import (APPROX_THRESHOLD, CODEBOOK_RECIPES, DEFAULT_EF_SEARCH, DEFAULT_HNSW_M,
+                       DEFAULT_MAX_DESCRIPTORS, DEFAULT_NPROBE, SEARCH_METHODS, default_codebook_dir)
+from ..utils import atomic_path, progress, write_json
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "how-met-codebook"
+FORMAT_VERSION = 1
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def centroid_fingerprint(centroids: np.ndarray) -> str:
+    """Short content hash of the centroids: an index records it to refuse another codebook."""
+    arr = np.ascontiguousarray(centroids, np.float32)
+    digest = hashlib.sha256(str(arr.shape).encode() + arr.tobytes()).hexdigest()
+    return digest[:16]
+
+
+class Codebook:
+    """K visual words (centroids) with nearest-centroid assignment.
+
+    Training settings: size, iterations (10), seed, max_descriptors (sampled uniformly across
+    images: the same quota from each image). Search settings: method ("auto" = exact below
+    ``approx_threshold`` words, "ivf" above), nlist/nprobe of the IVF search, hnsw_m/ef_search of
+    the HNSW search.
+    """
+
+    def __init__(self, size: Optional[int] = None, iterations: int = 10, seed: int = 0,
+                 max_descriptors: int = DEFAULT_MAX_DESCRIPTORS, method: str = "auto",
+                 approx_threshold: int = APPROX_THRESHOLD, nlist: Optional[int] = None,
+                 nprobe: int = DEFAULT_NPROBE, hnsw_m: int = DEFAULT_HNSW_M,
+                 ef_search: int = DEFAULT_EF_SEARCH):
+        if method not in SEARCH_METHODS:
+            raise ValueError(f"codebook search method must be one of {SEARCH_METHODS}, got {method!r}")
+        self.size = None if size is None else int(size)
+        self.iterations = int(iterations)
+        self.seed = int(seed)
+        self.max_descriptors = int(max_descriptors)
+        self.requested_method = method
+        self.approx_threshold = int(approx_threshold)
+        self.nlist = nlist
+        self.nprobe = int(nprobe)
+        self.hnsw_m = int(hnsw_m)
+        self.ef_search = int(ef_search)
+        self.centroids: Optional[np.ndarray] = None
+        self.coarse_centroids: Optional[np.ndarray] = None
+        self.meta: dict = {}
+        self._exact = None
+        self._approx = None
+        self._approx_quantizer = None
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_centroids(cls, centroids: np.ndarray, meta: Optional[dict] = None, **search) -> "Codebook":
+        centroids = np.ascontiguousarray(centroids, np.float32)
+        if centroids.ndim != 2 or len(centroids) == 0:
+            raise ValueError(f"centroids must be a non-empty (K, d) array, got {centroids.shape}")
+        cb = cls(size=len(centroids), **search)
+        cb.centroids = centroids
+        cb.meta = dict(meta or {})
+        cb.meta.update({"size": int(len(centroids)), "dim": int(centroids.shape[1])})
+        return cb
+
+    def train(self, source, keys: Optional[Sequence[str]] = None, show_progress: bool = True,
+              recall_sample: int = 2000) -> "Codebook":
+        """k-means on descriptors of a FeatureStore (or its path) or of an (n, d) array.
+
+        From a store, ``max_descriptors`` are drawn with an equal quota per image (of ``keys``,
+        default all). A held-out sample of ``recall_sample`` descriptors measures the recall of
+        the approximate assignment (stored in ``meta["assignment_recall"]``).
+        """
+        if self.size is None or self.size < 1:
+            raise ValueError("codebook size must be a positive integer")
+        rng = np.random.default_rng(self.seed)
+        extractor, training = {}, {}
+        if isinstance(source, np.ndarray):
+            data = np.ascontiguousarray(source, np.float32)
+            if len(data) > self.max_descriptors:
+                data = data[np.sort(rng.choice(len(data), self.max_descriptors, replace=False))]
+            training = {"source": "array", "descriptors": int(len(data))}
+        else:
+            data, extractor, training = self._sample_store(source, keys, rng, show_progress)
+        if data.ndim != 2 or len(data) < self.size:
+            raise ValueError(f"k-means into {self.size} words needs at least {self.size} "
+                             f"descriptors, got {len(data)}")
+        held_out = data[rng.choice(len(data), min(recall_sample, len(data)), replace=False)]
+        d = data.shape[1]
+        started = time.perf_counter()
+        kmeans = faiss.Kmeans(d, self.size, niter=self.iterations, seed=self.seed, verbose=False,
+                              max_points_per_centroid=max(256, len(data) // self.size + 1))
+        kmeans.train(data)
+        self.centroids = np.ascontiguousarray(kmeans.centroids, np.float32)
+        self._exact = self._approx = None
+        self.coarse_centroids = None
+        self.meta = {
+            "size": int(self.size), "dim": int(d), "iterations": self.iterations, "seed": self.seed,
+            "kmeans_objective": float(kmeans.obj[-1]) if len(kmeans.obj) else None,
+            "train_seconds": round(time.perf_counter() - started, 2),
+            "extractor": extractor, "training_set": training, "created": _now(),
+            "faiss_version": faiss.__version__,
+        }
+        if self.method != "flat":
+            self.meta["assignment_recall"] = self.measure_recall(held_out, k=5)
+        return self
+
+    def _sample_store(self, source, keys, rng, show_progress):
+        from ..features.store import FeatureStore
+        store = source if isinstance(source, FeatureStore) else FeatureStore(source, "r")
+        try:
+            keys = store.keys() if keys is None else list(keys)
+            if not keys:
+                raise ValueError(f"{store.path}: no images to train a codebook on")
+            quota = -(-self.max_descriptors // len(keys))
+            parts, images = [], 0
+            for key in progress(keys, desc="codebook sample", unit="img", disable=None if show_progress else True):
+                desc = store.descriptors(key)
+                if len(desc) > quota:
+                    desc = desc[np.sort(rng.choice(len(desc), quota, replace=False))]
+                if len(desc):
+                    parts.append(desc)
+                    images += 1
+            data = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+            training = {"source": str(store.path), "images": images, "per_image_quota": int(quota),
+                        "descriptors": int(len(data))}
+            return np.ascontiguousarray(data, np.float32), store.config, training
+        finally:
+            if store is not source:
+                store.close()
+
+    # -- properties ----------------------------------------------------------------------------
+    def _require(self) -> np.ndarray:
+        if self.centroids is None:
+            raise RuntimeError("codebook has no centroids (train or load it first)")
+        return self.centroids
+
+    @property
+    def dim(self) -> int:
+        return int(self._require().shape[1])
+
+    @property
+    def fingerprint(self) -> str:
+        return centroid_fingerprint(self._require())
+
+    @property
+    def method(self) -> str:
+        """The search actually used: flat, ivf or hnsw."""
+        if self.requested_method != "auto":
+            return self.requested_method
+        return "flat" if len(self._require()) < self.approx_threshold else "ivf"
+
+    @property
+    def approximate(self) -> bool:
+        return self.method != "flat"
+
+    def _nlist(self) -> int:
+        if self.nlist:
+            return int(self.nlist)
+        # lists of ~16 centroids: measured on 65,536 128-D words (mixture data, top-5), 4,096
+        # lists x 4 probes reached 99.98% recall in the time 1,024 lists x 8 probes took for
+        # 99.35%; the coarse search over many lists is one BLAS product
+        return int(max(1, len(self._require()) // 16))
+
+    # -- search indexes ------------------------------------------------------------------------
+    def _exact_index(self):
+        if self._exact is None:
+            index = faiss.IndexFlatL2(self.dim)
+            index.add(self._require())
+            self._exact = index
+        return self._exact
+
+    def _approx_index(self):
+        if self._approx is None:
+            centroids = self._require()
+            d = centroids.shape[1]
+            if self.method == "hnsw":
+                index = faiss.IndexHNSWFlat(d, self.hnsw_m)
+                index.hnsw.efConstruction = max(40, 2 * self.hnsw_m)
+                index.add(centroids)
+            else:
+                if self.coarse_centroids is None:
+                    nlist = self._nlist()
+                    coarse = faiss.Kmeans(d, nlist, niter=10, seed=self.seed + 1, verbose=False,
+                                          min_points_per_centroid=1,
+                                          max_points_per_centroid=max(256, len(centroids) // nlist + 1))
+                    coarse.train(centroids)
+                    self.coarse_centroids = np.ascontiguousarray(coarse.centroids, np.float32)
+                quantizer = faiss.IndexFlatL2(d)
+                quantizer.add(self.coarse_centroids)
+                index = faiss.IndexIVFFlat(quantizer, d, len(self.coarse_centroids))
+                index.is_trained = True
+                index.add(centroids)
+                self._approx_quantizer = quantizer  # the index does not own it: keep it alive
+            self._approx = index
+        self._tune(self._approx)
+        return self._approx
+
+    def _tune(self, index) -> None:
+        if isinstance(index, faiss.IndexHNSWFlat):
+            index.hnsw.efSearch = self.ef_search
+        elif isinstance(index, faiss.IndexIVFFlat):
+            index.nprobe = self.nprobe
+
+    # -- assignment ----------------------------------------------------------------------------
+    def assign(self, descriptors: np.ndarray, k: int = 1, return_distances: bool = False,
+               exact: Optional[bool] = None):
+        """(n, k) int64 ids of the k nearest words of each descriptor, nearest first
+        (and (n, k) float32 squared L2 distances with ``return_distances``).
+
+        ``exact`` forces (True) or forbids (False) the exact search; default: ``self.method``.
+        """
+        centroids = self._require()
+        desc = np.ascontiguousarray(descriptors, np.float32)
+        if desc.ndim != 2 or desc.shape[1] != centroids.shape[1]:
+            raise ValueError(f"descriptors of shape {desc.shape} do not match the codebook's "
+                             f"dimension {centroids.shape[1]}")
+        k = int(k)
+        if not 1 <= k <= len(centroids):
+            raise ValueError(f"k={k} must be in [1, {len(centroids)}]")
+        use_exact = (self.method == "flat") if exact is None else exact
+        index = self._exact_index() if use_exact else self._approx_index()
+        if len(desc) == 0:
+            ids, dist = np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+        else:
+            dist, ids = index.search(desc, k)
+        ids = ids.astype(np.int64, copy=False)
+        return (ids, dist) if return_distances else ids
+
+    def measure_recall(self, descriptors: np.ndarray, k: int = 5) -> dict:
+        """Recall of the approximate assignment against the exact one (see quantisation_recall)."""
+        return quantisation_recall(self, descriptors, k)
+
+    # -- files -----------------------------------------------------------------------------------
+    def save(self, path: os.PathLike) -> Path:
+        """Write ``path`` (.npz, plain arrays) and a readable ``<path>.json`` metadata copy."""
+        path = Path(path)
+        if path.suffix != ".npz":
+            path = path.with_name(path.name + ".npz")
+        centroids = self._require()
+        if self.method == "ivf":
+            self._approx_index()  # train the coarse centroids once, store them with the file
+        meta = dict(self.meta)
+        meta.update({"format": FORMAT, "format_version": FORMAT_VERSION, "size": int(len(centroids)),
+                     "dim": int(centroids.shape[1]), "fingerprint": self.fingerprint,
+                     "search": self.search_settings()})
+        arrays = {"centroids": centroids, "meta_json": np.array(json.dumps(meta, sort_keys=True))}
+        if self.coarse_centroids is not None:
+            arrays["coarse_centroids"] = self.coarse_centroids
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **arrays)
+        write_json(path.with_suffix(".json"), meta)
+        self.meta = meta
+        return path
+
+    def search_settings(self) -> dict:
+        return {"method": self.requested_method, "approx_threshold": self.approx_threshold,
+                "nlist": self.nlist, "nprobe": self.nprobe, "hnsw_m": self.hnsw_m,
+                "ef_search": self.ef_search}
+
+    @classmethod
+    def load(cls, path: os.PathLike, **search) -> "Codebook":
+        """Read a codebook .npz; keyword arguments override the stored search settings."""
+        path = Path(path)
+        if not path.exists() and path.with_name(path.name + ".npz").exists():
+            path = path.with_name(path.name + ".npz")
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: codebook does not exist")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                centroids = np.ascontiguousarray(data["centroids"], np.float32)
+                meta = json.loads(str(data["meta_json"]))
+                coarse = np.ascontiguousarray(data["coarse_centroids"], np.float32) \
+                    if "coarse_centroids" in data.files else None
+        except (OSError, ValueError, KeyError, EOFError) as exc:
+            raise ValueError(f"{path}: not a readable codebook ({type(exc).__name__}: {exc})") from None
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a how-met codebook (format {meta.get('format')!r})")
+        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+            raise ValueError(f"{path}: codebook format version {meta['format_version']} is newer than this how-met")
+        if centroids.ndim != 2 or list(centroids.shape) != [meta.get("size"), meta.get("dim")]:
+            raise ValueError(f"{path}: centroids of shape {centroids.shape} do not match the "
+                             f"metadata (size {meta.get('size')}, dim {meta.get('dim')})")
+        if centroid_fingerprint(centroids) != meta.get("fingerprint"):
+            raise ValueError(f"{path}: centroids do not match their recorded fingerprint (damaged file)")
+        settings = {k: v for k, v in (meta.get("search") or {}).items()
+                    if k in ("method", "approx_threshold", "nlist", "nprobe", "hnsw_m", "ef_search")}
+        settings.update(search)
+        cb = cls.from_centroids(centroids, meta=meta, **settings)
+        cb.iterations = int(meta.get("iterations", cb.iterations))
+        cb.seed = int(meta.get("seed", cb.seed))
+        if coarse is not None and coarse.ndim == 2 and coarse.shape[1] == centroids.shape[1]:
+            cb.coarse_centroids = coarse
+        return cb
+
+    def __repr__(self) -> str:
+        if self.centroids is None:
+            return f"Codebook(size={self.size}, untrained)"
+        return f"Codebook(size={len(self.centroids)}, dim={self.dim}, method={self.method!r})"
+
+
+def quantisation_recall(codebook: Codebook, descriptors: np.ndarray, k: int = 5) -> dict:
+    """How well the codebook's approximate assignment matches the exact one on ``descriptors``.
+
+    recall: mean fraction of the exact k nearest words found among the approximate k;
+    top1: fraction of descriptors whose nearest word is the exact nearest word.
+    Also the seconds per 1000 descriptors of each search.
+    """
+    desc = np.ascontiguousarray(descriptors, np.float32)
+    k = min(int(k), len(codebook._require()))
+    t0 = time.perf_counter()
+    exact = codebook.assign(desc, k, exact=True)
+    t1 = time.perf_counter()
+    approx = codebook.assign(desc, k, exact=False)
+    t2 = time.perf_counter()
+    n = max(len(desc), 1)
+    hits = sum(len(np.intersect1d(a, e)) for a, e in zip(approx, exact))
+    return {"method": codebook.method, "k": k, "descriptors": int(len(desc)),
+            "recall": float(hits / (n * k)) if len(desc) else None,
+            "top1": float(np.mean(approx[:, 0] == exact[:, 0])) if len(desc) else None,
+            "exact_ms_per_1000": round(1000 * (t1 - t0) * 1000 / n, 2),
+            "approx_ms_per_1000": round(1000 * (t2 - t1) * 1000 / n, 2)}
+
+
+def train_codebook(features, size: Optional[int] = None, recipe: Optional[str] = None,
+                   iterations: Optional[int] = None, seed: Optional[int] = None,
+                   max_descriptors: Optional[int] = None, max_images: Optional[int] = None,
+                   method: str = "auto", out=None):
+    """Train a codebook on a feature store and save it. ``recipe`` (a CODEBOOK_RECIPES name)
+    supplies every setting not given explicitly and the file name; ``out`` defaults to
+    ``codebooks/<recipe or store name-size>.npz``. Returns (codebook, saved path)."""
+    from ..features.store import FeatureStore
+
+    settings = dict(CODEBOOK_RECIPES[recipe]) if recipe else {}
+    size = size or settings.get("size")
+    if not size:
+        raise ValueError("give --size or --recipe")
+    training = {"iterations": iterations or settings.get("iterations", 10),
+                "seed": seed if seed is not None else settings.get("seed", 0),
+                "max_descriptors": max_descriptors or settings.get("max_descriptors", DEFAULT_MAX_DESCRIPTORS)}
+    features = Path(features)
+    with FeatureStore(features, "r") as store:
+        keys = store.keys()
+        if max_images and max_images < len(keys):
+            rng = np.random.default_rng(training["seed"])
+            keys = sorted(rng.choice(keys, max_images, replace=False).tolist())
+        codebook = Codebook(size=size, method=method, **training)
+        codebook.train(store, keys=keys)
+    if recipe:
+        codebook.meta["recipe"] = {"name": recipe, **settings}
+    name = recipe or f"{features.stem}-{size}"
+    saved = codebook.save(out or default_codebook_dir() / f"{name}.npz")
+    return codebook, saved

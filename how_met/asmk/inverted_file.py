@@ -1,0 +1,408 @@
+"""Binary ASMK inverted file: per-word postings of aggregated codes, incremental updates, fast
+batched search and safe files.
+
+Layout in memory (and on disk, after consolidation)
+- ``offsets`` (n_words + 1,) int64: postings of word w are rows offsets[w]:offsets[w+1] of
+- ``vectors`` (n_postings, 2) uint64 packed sign codes (or (n_postings, d) float32 unit vectors
+  for the non-binary variant) and
+- ``image_ids`` (n_postings,) uint32: image positions into ``keys`` (feature-store keys).
+- ``n_vectors`` (n_images,) uint32 aggregated vectors per image (its norm without idf) and
+  ``alive`` (n_images,) bool (False once removed, until ``compact``).
+
+A binary posting costs 16 + 4 = 20 bytes. ``add`` appends a word-sorted chunk (cost
+proportional to the batch; 2 more bytes per posting for its word until merged); chunks are
+merged into the contiguous layout lazily, once, before the next search or save. ``remove`` only marks images; ``compact`` drops their postings and renumbers.
+
+Search scores, for every query image, each database image that shares a visual word with it::
+
+    score(q, d) = sum_{w in q and d} wt(w) sigma(s(q_w, d_w)) / (sqrt(norm(q)) sqrt(norm(d)))
+
+with wt = 1 and norm = number of aggregated vectors, or wt = idf and norm = sum of idf over the
+image's words (``use_idf``). It runs in numba (``how_met.asmk.kernels``). Files are read, written
+and validated by ``how_met.asmk.io``.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numba
+import numpy as np
+
+from . import codes
+from .aggregation import Aggregated
+from .io import FORMAT, FORMAT_VERSION, check_consistency, read_index, write_index
+from .kernels import (_alive_df, _compact_postings, _copy_blocks, _search_binary, _search_float,
+                      _weighted_norms)
+from ..neighbours import Neighbours
+
+MAX_IMAGES = 2 ** 32 - 1
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+class InvertedFile:
+    """ASMK inverted file over ``n_words`` visual words; database images are feature-store keys.
+
+    binary: packed sign codes (default) or L2-normalised float residuals. use_idf, alpha, tau:
+    default scoring (each can be overridden per search). codebook_fingerprint / extractor:
+    what the index was built with, checked when querying and appending.
+    """
+
+    def __init__(self, n_words: int, dim: int = 128, binary: bool = True, use_idf: bool = False,
+                 alpha: float = codes.DEFAULT_ALPHA, tau: float = codes.DEFAULT_TAU,
+                 codebook_fingerprint: Optional[str] = None, extractor: Optional[dict] = None):
+        if n_words < 1 or dim < 1:
+            raise ValueError(f"inverted file needs n_words >= 1 and dim >= 1, got {n_words}, {dim}")
+        self.n_words = int(n_words)
+        self.dim = int(dim)
+        self.binary = bool(binary)
+        self.use_idf = bool(use_idf)
+        self.alpha = float(alpha)
+        self.tau = float(tau)
+        self.codebook_fingerprint = codebook_fingerprint
+        self.extractor = dict(extractor or {})
+        self.created = _now()
+        self.path: Optional[Path] = None
+        self._keys: List[str] = []
+        self._position: Dict[str, int] = {}
+        self._alive = np.zeros(0, bool)
+        self._n_vectors = np.zeros(0, np.uint32)
+        self._offsets = np.zeros(self.n_words + 1, np.int64)
+        self._vectors = np.zeros((0, self.vector_width), self.vector_dtype)
+        self._image_ids = np.zeros(0, np.uint32)
+        self._pending: List[Tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._derived: Dict[bool, Tuple[np.ndarray, np.ndarray]] = {}
+
+    # -- shape of the postings -----------------------------------------------------------------
+    @property
+    def vector_width(self) -> int:
+        return codes.code_words(self.dim) if self.binary else self.dim
+
+    @property
+    def vector_dtype(self):
+        return np.dtype(np.uint64) if self.binary else np.dtype(np.float32)
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+    @property
+    def keys(self) -> List[str]:
+        """Keys of the images in the index (removed ones left out)."""
+        if self._alive.all():
+            return list(self._keys)
+        return [k for k, a in zip(self._keys, self._alive) if a]
+
+    def __len__(self) -> int:
+        return len(self._position)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._position
+
+    @property
+    def n_slots(self) -> int:
+        """Image positions in use, removed images included (until compact)."""
+        return len(self._keys)
+
+    @property
+    def n_postings(self) -> int:
+        return int(len(self._image_ids) + sum(len(c[2]) for c in self._pending))
+
+    def nbytes(self) -> dict:
+        """Bytes held by the index (postings, per-word and per-image arrays)."""
+        self.consolidate()
+        postings = int(self._vectors.nbytes + self._image_ids.nbytes)
+        per_image = int(self._n_vectors.nbytes + self._alive.nbytes + sum(len(k.encode()) for k in self._keys))
+        total = postings + int(self._offsets.nbytes) + per_image
+        n = max(self.n_postings, 1)
+        return {"postings": postings, "offsets": int(self._offsets.nbytes), "per_image": per_image,
+                "total": total, "per_vector": postings / n, "per_vector_total": total / n,
+                "per_image_total": total / max(len(self), 1)}
+
+    def stats(self) -> dict:
+        self.consolidate()
+        counts = np.diff(self._offsets)
+        return {"images": len(self), "removed_pending_compact": int(self.n_slots - len(self)),
+                "postings": self.n_postings, "vectors_per_image": self.n_postings / max(self.n_slots, 1),
+                "empty_words": int((counts == 0).sum()), "max_postings_per_word": int(counts.max(initial=0)),
+                "binary": self.binary, "use_idf": self.use_idf, "bytes": self.nbytes()}
+
+    # -- updates ---------------------------------------------------------------------------------
+    def add(self, keys: Sequence[str], vectors: np.ndarray, words: np.ndarray, images: np.ndarray) -> None:
+        """Add images ``keys`` with their aggregated vectors; ``images`` (m,) indexes ``keys``.
+
+        Costs O(batch): the batch becomes a word-sorted chunk merged into the postings lazily.
+        """
+        keys = [str(k) for k in keys]
+        vectors = np.asarray(vectors)
+        words = np.asarray(words, np.int64).ravel()
+        images = np.asarray(images, np.int64).ravel()
+        m = len(words)
+        if len(images) != m or len(vectors) != m:
+            raise ValueError(f"add: {len(vectors)} vectors, {m} words and {len(images)} image indices differ")
+        if vectors.ndim != 2 or vectors.shape[1] != self.vector_width or \
+                (self.binary and vectors.dtype != np.uint64) or \
+                (not self.binary and not np.issubdtype(vectors.dtype, np.floating)):
+            kind = f"(m, {self.vector_width}) uint64 codes" if self.binary else f"(m, {self.dim}) float vectors"
+            raise ValueError(f"add: vectors {vectors.shape} {vectors.dtype} are not {kind}")
+        if len(set(keys)) != len(keys):
+            raise ValueError("add: duplicate keys in one batch")
+        present = [k for k in keys if k in self._position]
+        if present:
+            raise ValueError(f"add: {present[0]!r} is already in the index (remove it first)")
+        if m and (words.min() < 0 or words.max() >= self.n_words):
+            raise ValueError(f"add: word ids must be in [0, {self.n_words})")
+        if m and (images.min() < 0 or images.max() >= len(keys)):
+            raise ValueError(f"add: image indices must be in [0, {len(keys)})")
+        base = self.n_slots
+        if base + len(keys) > MAX_IMAGES:
+            raise ValueError(f"add: an inverted file holds at most {MAX_IMAGES} images")
+        pair = images * self.n_words + words
+        order = np.argsort(pair, kind="stable")
+        if m > 1 and (pair[order][1:] == pair[order][:-1]).any():
+            raise ValueError("add: an image has two aggregated vectors for one word (aggregate first)")
+        order = order[np.argsort(words[order], kind="stable")]  # by word, then image
+        # a chunk keeps its sorted words compactly (2 bytes each for <= 65,536 words); per-word
+        # offsets are only made while merging, one chunk at a time
+        chunk_words = words[order].astype(np.uint16 if self.n_words <= 65536 else np.uint32)
+        chunk_vec = np.ascontiguousarray(vectors[order], self.vector_dtype)
+        chunk_ids = (images[order] + base).astype(np.uint32)
+        if m:
+            self._pending.append((chunk_words, chunk_vec, chunk_ids))
+        self._keys.extend(keys)
+        self._position.update((k, base + i) for i, k in enumerate(keys))
+        self._alive = np.concatenate([self._alive, np.ones(len(keys), bool)])
+        self._n_vectors = np.concatenate([self._n_vectors,
+                                          np.bincount(images, minlength=len(keys)).astype(np.uint32)])
+        self._derived.clear()
+
+    def add_aggregated(self, keys: Sequence[str], aggregated: Aggregated) -> None:
+        self.add(keys, aggregated.vectors, aggregated.words, aggregated.images)
+
+    def remove(self, keys: Union[str, Sequence[str]], missing_ok: bool = False) -> int:
+        """Remove images by key (their postings are skipped, and dropped by ``compact``)."""
+        if isinstance(keys, str):
+            keys = [keys]
+        removed = 0
+        for key in keys:
+            pos = self._position.pop(key, None)
+            if pos is None:
+                if not missing_ok:
+                    raise KeyError(f"{key!r} is not in the index")
+                continue
+            if not self._alive.flags.writeable:
+                self._alive = self._alive.copy()
+            self._alive[pos] = False
+            removed += 1
+        if removed:
+            self._derived.clear()
+        return removed
+
+    def consolidate(self) -> None:
+        """Merge pending chunks into the contiguous per-word postings (one pass, chunks freed as
+        they are copied)."""
+        if not self._pending:
+            return
+        counts = np.diff(self._offsets)
+        for chunk_words, _, _ in self._pending:
+            counts = counts + np.bincount(chunk_words, minlength=self.n_words)
+        offsets = np.zeros(self.n_words + 1, np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        total = int(offsets[-1])
+        vectors = np.empty((total, self.vector_width), self.vector_dtype)
+        image_ids = np.empty(total, np.uint32)
+        cursor = offsets[:-1].copy()
+        _copy_blocks(self._vectors, self._image_ids, self._offsets, vectors, image_ids, cursor)
+        self._vectors, self._image_ids = vectors[:0], image_ids[:0]  # let the old arrays go
+        pending, self._pending = self._pending, []
+        while pending:
+            chunk_words, chunk_vec, chunk_ids = pending.pop(0)
+            chunk_off = np.zeros(self.n_words + 1, np.int64)
+            np.cumsum(np.bincount(chunk_words, minlength=self.n_words), out=chunk_off[1:])
+            _copy_blocks(chunk_vec, chunk_ids, chunk_off, vectors, image_ids, cursor)
+            del chunk_words, chunk_vec, chunk_ids
+        self._offsets, self._vectors, self._image_ids = offsets, vectors, image_ids
+
+    def compact(self) -> None:
+        """Drop removed images for good and renumber the rest (postings rewritten once)."""
+        self.consolidate()
+        if self._alive.all():
+            return
+        keep = self._alive.copy()
+        new_position = (np.cumsum(keep) - 1).astype(np.uint32)
+        total = int(self._n_vectors[keep].sum(dtype=np.int64))
+        offsets = np.zeros(self.n_words + 1, np.int64)
+        vectors = np.empty((total, self.vector_width), self.vector_dtype)
+        image_ids = np.empty(total, np.uint32)
+        _compact_postings(self._offsets, self._vectors, self._image_ids, new_position, keep,
+                          offsets, vectors, image_ids)
+        self._offsets, self._vectors, self._image_ids = offsets, vectors, image_ids
+        self._keys = [k for k, a in zip(self._keys, keep) if a]
+        self._position = {k: i for i, k in enumerate(self._keys)}
+        self._n_vectors = np.ascontiguousarray(self._n_vectors[keep])
+        self._alive = np.ones(len(self._keys), bool)
+        self._derived.clear()
+
+    # -- scoring helpers -------------------------------------------------------------------------
+    def document_frequency(self) -> np.ndarray:
+        """(n_words,) number of (alive) database images holding each word."""
+        self.consolidate()
+        if self._alive.all():
+            return np.diff(self._offsets)
+        return _alive_df(self._offsets, self._image_ids, self._alive)
+
+    def idf(self) -> np.ndarray:
+        """(n_words,) float64 idf(w) = log(N / df(w))**2 (1 for words no image has)."""
+        return codes.idf_weights(self.document_frequency(), len(self))
+
+    def _weights(self, use_idf: bool) -> Tuple[np.ndarray, np.ndarray]:
+        """(per-word weight, per-image 1/sqrt(norm), 0 for removed or empty images)."""
+        if use_idf not in self._derived:
+            self.consolidate()
+            if use_idf:
+                weight = self.idf()
+                norms = _weighted_norms(self._offsets, self._image_ids, weight, self.n_slots)
+            else:
+                weight = np.ones(self.n_words, np.float64)
+                norms = self._n_vectors.astype(np.float64)
+            scale = np.zeros(self.n_slots, np.float64)
+            ok = self._alive & (norms > 0)
+            scale[ok] = 1.0 / np.sqrt(norms[ok])
+            self._derived[use_idf] = (weight, scale)
+        return self._derived[use_idf]
+
+    # -- search ----------------------------------------------------------------------------------
+    def search(self, vectors: np.ndarray, words: np.ndarray, images: np.ndarray, k: int = 100,
+               query_keys: Optional[Sequence[str]] = None, alpha: Optional[float] = None,
+               tau: Optional[float] = None, use_idf: Optional[bool] = None) -> Neighbours:
+        """Top-k database images for a batch of aggregated queries.
+
+        vectors, words: aggregated query vectors; images (m,) the query index of each vector,
+        in [0, nq) with nq = len(query_keys) (default: max + 1, keys "0", "1", ...).
+        """
+        alpha = self.alpha if alpha is None else float(alpha)
+        tau = self.tau if tau is None else float(tau)
+        use_idf = self.use_idf if use_idf is None else bool(use_idf)
+        k = int(k)
+        if k < 1:
+            raise ValueError(f"search: k must be >= 1, got {k}")
+        vectors = np.asarray(vectors)
+        words = np.asarray(words, np.int64).ravel()
+        images = np.asarray(images, np.int64).ravel()
+        if query_keys is None:
+            nq = int(images.max()) + 1 if len(images) else 0
+            query_keys = [str(i) for i in range(nq)]
+        query_keys = list(query_keys)
+        nq = len(query_keys)
+        if len(vectors) != len(words) or len(images) != len(words):
+            raise ValueError("search: vectors, words and query indices differ in length")
+        if len(words) and (images.min() < 0 or images.max() >= nq):
+            raise ValueError(f"search: query indices must be in [0, {nq})")
+        if len(words) and (words.min() < 0 or words.max() >= self.n_words):
+            raise ValueError(f"search: word ids must be in [0, {self.n_words})")
+        if vectors.ndim != 2 or vectors.shape[1] != self.vector_width:
+            raise ValueError(f"search: query vectors {vectors.shape} do not match the index "
+                             f"({'binary' if self.binary else 'float'}, width {self.vector_width})")
+        weight, db_scale = self._weights(use_idf)
+        order = np.argsort(images, kind="stable")
+        q_words = np.ascontiguousarray(words[order])
+        q_off = np.zeros(nq + 1, np.int64)
+        np.cumsum(np.bincount(images, minlength=nq), out=q_off[1:])
+        q_norm = np.bincount(images, weights=weight[words], minlength=nq)
+        q_scale = np.zeros(nq, np.float64)
+        q_scale[q_norm > 0] = 1.0 / np.sqrt(q_norm[q_norm > 0])
+        workers = max(1, min(nq, numba.get_num_threads()))
+        if nq == 0:
+            idx, sc = np.zeros((0, k), np.int64), np.zeros((0, k), np.float64)
+        elif self.binary:
+            q_codes = np.ascontiguousarray(vectors[order], np.uint64)
+            table = codes.kernel_table(self.dim, alpha, tau)
+            idx, sc = _search_binary(q_off, q_words, q_codes, q_scale, self._offsets, self._vectors,
+                                     self._image_ids, db_scale, weight, table, k, workers)
+        else:
+            q_vecs = np.ascontiguousarray(vectors[order], np.float32)
+            idx, sc = _search_float(q_off, q_words, q_vecs, q_scale, self._offsets, self._vectors,
+                                    self._image_ids, db_scale, weight, alpha, tau, k, workers)
+        return Neighbours(query_keys, self._keys, idx, sc.astype(np.float32))
+
+    def search_aggregated(self, aggregated: Aggregated, k: int = 100,
+                          query_keys: Optional[Sequence[str]] = None, **kwargs) -> Neighbours:
+        return self.search(aggregated.vectors, aggregated.words, aggregated.images, k=k,
+                           query_keys=query_keys, **kwargs)
+
+    def postings(self, word: int) -> Tuple[np.ndarray, np.ndarray]:
+        """(vectors, image positions) of one word (for inspection and tests)."""
+        self.consolidate()
+        a, b = self._offsets[word], self._offsets[word + 1]
+        return self._vectors[a:b], self._image_ids[a:b]
+
+    def image_vectors(self, key: str) -> Aggregated:
+        """The aggregated vectors stored for one database image (a scan of all postings)."""
+        self.consolidate()
+        pos = self._position[key]
+        hit = np.flatnonzero(self._image_ids == pos)
+        words = np.searchsorted(self._offsets, hit, side="right") - 1
+        return Aggregated(np.asarray(self._vectors[hit]), words.astype(np.int64), np.zeros(len(hit), np.int64))
+
+    # -- files -----------------------------------------------------------------------------------
+    def _meta(self) -> dict:
+        arrays = self._arrays()
+        return {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "n_words": self.n_words, "dim": self.dim, "binary": self.binary,
+            "use_idf": self.use_idf, "alpha": self.alpha, "tau": self.tau,
+            "n_images": self.n_slots, "n_alive": len(self), "n_postings": self.n_postings,
+            "codebook_fingerprint": self.codebook_fingerprint, "extractor": self.extractor,
+            "created": self.created, "saved": _now(),
+            "arrays": {name: {"shape": list(a.shape), "dtype": a.dtype.str} for name, a in arrays.items()},
+        }
+
+    def _arrays(self) -> Dict[str, np.ndarray]:
+        return {"offsets": self._offsets, "vectors": self._vectors, "image_ids": self._image_ids,
+                "n_vectors": self._n_vectors, "alive": self._alive}
+
+    def save(self, path: os.PathLike) -> Path:
+        """Write the index (directory, or HDF5 for a .h5/.hdf5 path) atomically."""
+        path = Path(path)
+        self.consolidate()
+        write_index(path, self._meta(), self._arrays(), self._keys)
+        self.path = path
+        return path
+
+    @classmethod
+    def load(cls, path: os.PathLike, mmap: bool = True, verify: bool = False) -> "InvertedFile":
+        """Read an index saved by ``save`` (memory-mapped by default: postings stay on disk
+        until touched). ``verify`` also checks every posting's image id (reads all postings)."""
+        path = Path(path)
+        meta, arrays, keys = read_index(path, mmap)
+        ivf = cls(meta["n_words"], meta["dim"], meta["binary"], meta["use_idf"], meta["alpha"], meta["tau"],
+                  meta.get("codebook_fingerprint"), meta.get("extractor"))
+        check_consistency(path, meta, arrays, keys, ivf.vector_width, ivf.vector_dtype, verify)
+        ivf.created = meta.get("created", ivf.created)
+        ivf._offsets = arrays["offsets"]
+        ivf._vectors = arrays["vectors"]
+        ivf._image_ids = arrays["image_ids"]
+        ivf._n_vectors = arrays["n_vectors"]
+        ivf._alive = np.array(arrays["alive"], bool)  # small and mutable (remove)
+        ivf._keys = list(keys)
+        ivf._position = {k: i for i, k in enumerate(keys) if ivf._alive[i]}
+        ivf.path = path
+        return ivf
+
+    def check_codebook(self, codebook) -> None:
+        """Refuse a codebook other than the one this index was built with."""
+        where = self.path or "the inverted file"
+        if self.codebook_fingerprint and self.codebook_fingerprint != codebook.fingerprint:
+            raise ValueError(f"{where}: was built with another codebook (fingerprint "
+                             f"{self.codebook_fingerprint}, given {codebook.fingerprint})")
+        if self.n_words != len(codebook.centroids) or self.dim != codebook.dim:
+            raise ValueError(f"{where}: has {self.n_words} words of dim {self.dim}; the codebook has "
+                             f"{len(codebook.centroids)} of dim {codebook.dim}")
+
+    def __repr__(self) -> str:
+        kind = "binary" if self.binary else "float"
+        return (f"InvertedFile({len(self)} images, {self.n_postings} postings, {self.n_words} words, "
+                f"{kind}, idf={self.use_idf})")
+

@@ -1,0 +1,120 @@
+"""HOW model files: the official HOW checkpoints (``how_r18.pth``, ``how_r50-.pth``; old "meta"
+and new "net_params" layouts) and how-met's own files, read with ``torch.load(weights_only=True)``,
+which cannot execute code from the file; and ``build_model``, a checkpoint or the offline
+ImageNet weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+from .backbones import BACKBONES
+from .network import HOWNet, ModelConfig
+from ..utils import atomic_path
+
+CHECKPOINT_FORMAT = "how-met/1"
+
+
+def _read_checkpoint(source: str) -> dict:
+    """torch.load(weights_only=True) of a path or http(s) URL (never runs code from the file)."""
+    if str(source).startswith(("http://", "https://")):
+        cache = Path(os.environ.get("HOW_MET_CACHE", Path.home() / ".cache" / "how-met"))
+        cache.mkdir(parents=True, exist_ok=True)
+        target = cache / Path(str(source).split("?")[0]).name
+        if not target.exists():
+            tmp = target.with_name(target.name + ".part")
+            try:
+                urllib.request.urlretrieve(str(source), tmp)
+            except OSError as exc:
+                raise RuntimeError(f"{source}: download failed ({exc})") from None
+            os.replace(tmp, target)
+        source = target
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        reason = str(exc).split("\n")[0][:200]
+        raise RuntimeError(f"{path}: not a loadable checkpoint ({reason})") from None
+
+
+def _official_backbone(arch: str, skip_layer: int) -> Tuple[str, str]:
+    """how-met backbone name and layer for an official HOW architecture + skip_layer."""
+    arch = arch.lower()
+    if not arch.startswith("resnet") or arch not in BACKBONES:
+        raise ValueError(f"unsupported HOW architecture {arch!r}")
+    return arch, ("layer3" if skip_layer else "layer4")
+
+
+def load_model(source: str, device: str = "cpu") -> HOWNet:
+    """Load an official HOW checkpoint (old or new layout) or a how-met model file."""
+    ckpt = _read_checkpoint(source)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise RuntimeError(f"{source}: no 'state_dict' in checkpoint")
+    state = ckpt["state_dict"]
+    if ckpt.get("format") == CHECKPOINT_FORMAT:
+        config = ModelConfig(**json.loads(ckpt["config"]))
+        model = HOWNet(config, imagenet=False)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"{source}: checkpoint does not match its config "
+                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        return model.to(device).eval()
+    if "meta" in ckpt:  # old official layout
+        meta = ckpt["meta"]
+        arch, skip = meta.get("architecture"), int(meta.get("skip_layer", 0))
+        w_key, b_key = "whiten.weight", "whiten.bias"
+    elif "net_params" in ckpt:  # new official layout
+        meta = ckpt["net_params"]
+        arch, skip = meta.get("architecture"), int(meta.get("skip_layer", 0))
+        w_key, b_key = "dim_reduction.weight", "dim_reduction.bias"
+    else:
+        raise RuntimeError(f"{source}: unknown checkpoint layout (keys {sorted(ckpt)[:5]})")
+    backbone, layer = _official_backbone(str(arch), skip)
+    if w_key not in state:
+        raise RuntimeError(f"{source}: missing {w_key}")
+    dim = int(state[w_key].shape[0])
+    model = HOWNet(ModelConfig(backbone, layer, dim, checkpoint=str(source)), imagenet=False)
+    trunk_state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+    expected = model.trunk.features.state_dict()
+    missing = sorted(set(expected) - set(trunk_state))
+    extra = sorted(set(trunk_state) - set(expected))
+    if missing:
+        raise RuntimeError(f"{source}: trunk weights missing ({missing[:3]}...)")
+    if extra:  # e.g. layer4 weights in a skip_layer checkpoint: ignore what the trunk drops
+        trunk_state = {k: v for k, v in trunk_state.items() if k in expected}
+    model.trunk.features.load_state_dict(trunk_state)
+    with torch.no_grad():
+        model.dim_reduction.weight.copy_(state[w_key].reshape(model.dim_reduction.weight.shape))
+        model.dim_reduction.bias.copy_(state[b_key])
+    model.whitening_learned.fill_(True)
+    return model.to(device).eval()
+
+
+def save_model(model: HOWNet, path: os.PathLike) -> None:
+    """Save a how-met model (weights + config + learned whitening), loadable without pickle."""
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "config": json.dumps(asdict(model.config)),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def build_model(backbone: str = "efficientnet-lite0", layer: Optional[str] = None, dim: int = 128,
+                checkpoint: Optional[str] = None, device: str = "cpu") -> HOWNet:
+    """A checkpoint if given, else the backbone with its offline ImageNet weights."""
+    if checkpoint:
+        return load_model(checkpoint, device)
+    if BACKBONES[backbone][0] != "effnet":
+        raise ValueError(f"{backbone}: no offline ImageNet weights; pass a HOW checkpoint "
+                         f"(path or URL) with --checkpoint")
+    return HOWNet(ModelConfig(backbone, layer, dim), imagenet=True).to(device).eval()

@@ -1,0 +1,88 @@
+"""Extraction settings: the named configs, how a config is resolved, what a feature store
+records about its extractor, and the check that two such records are compatible.
+
+Light on purpose (no torch): the command line builds its options from these names.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import asdict
+from typing import Dict
+
+logger = logging.getLogger(__name__)
+
+# Named extraction configs (the "model" part builds the network; the rest drives extraction).
+# Defaults measured on ../shared/data/museum (see README "Choosing the defaults"): the
+# stride-16 expansion of block 11, 3 scales and images <= 500 px.
+CONFIGS: Dict[str, dict] = {
+    "lite0": {
+        "model": {"backbone": "efficientnet-lite0", "layer": None, "dim": 128},
+        "scales": [1.0, 0.707, 0.5],
+        "features_num": 1000,
+        "image_size": 500,
+        "gem": True,
+    },
+    "lite0-7scales": {
+        "model": {"backbone": "efficientnet-lite0", "layer": None, "dim": 128},
+        "scales": [2.0, 1.414, 1.0, 0.707, 0.5, 0.353, 0.25],
+        "features_num": 1000,
+        "image_size": 500,
+        "gem": True,
+    },
+    # The published HOW setting (needs an official checkpoint: --checkpoint how_r18.pth).
+    "how-r18": {
+        "model": {"backbone": "resnet18", "layer": None, "dim": 128},
+        "scales": [2.0, 1.414, 1.0, 0.707, 0.5, 0.353, 0.25],
+        "features_num": 1000,
+        "image_size": 1024,
+        "gem": True,
+    },
+}
+DEFAULT_CONFIG = "lite0"
+WHITEN_IMAGES = 1000       # images PCA-whitening is learned from when a model has none
+WHITEN_FEATURES = 1000     # features per image for it (SPEC: up to 1000)
+
+
+def default_config() -> dict:
+    return copy.deepcopy(CONFIGS[DEFAULT_CONFIG])
+
+
+def resolve_config(config) -> dict:
+    if config is None:
+        return default_config()
+    if isinstance(config, str):
+        if config not in CONFIGS:
+            raise ValueError(f"unknown extraction config {config!r}; choose from {', '.join(CONFIGS)}")
+        return copy.deepcopy(CONFIGS[config])
+    merged = default_config()
+    merged.update(copy.deepcopy(config))
+    return merged
+
+
+def store_config(model, config: dict) -> dict:
+    """What a feature store records about how its features were made."""
+    return {
+        "model": asdict(model.config),
+        "stride": model.stride,
+        "scales": [float(s) for s in config["scales"]],
+        "features_num": int(config["features_num"]),
+        "image_size": int(config["image_size"]),
+        "dim": int(model.config.dim),
+        "gem": bool(config.get("gem", True)),
+    }
+
+
+def check_extractor(features_config: dict, expected: dict, features_name, expected_name) -> None:
+    """Refuse features of another network/dimension than ``expected`` (warn on other settings)."""
+    if not features_config or not expected or features_config == expected:
+        return
+    for field in ("model", "dim"):
+        if field in features_config and field in expected and features_config[field] != expected[field]:
+            raise ValueError(f"{features_name}: features come from another extractor than {expected_name} "
+                             f"({field}: {json.dumps(features_config[field], sort_keys=True)} vs "
+                             f"{json.dumps(expected[field], sort_keys=True)})")
+    differing = sorted(k for k in set(features_config) | set(expected) if features_config.get(k) != expected.get(k))
+    logger.warning("%s: extraction settings differ from %s in %s", features_name, expected_name, ", ".join(differing))
+

@@ -1,0 +1,179 @@
+"""The stages of an evaluation run, each resumable in the work directory: extract -> codebook
+-> index -> ASMK query, global search, rerank scores. A stage whose output exists is skipped."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Tuple
+
+import numpy as np
+
+from ..datasets import Dataset
+from ..features.checkpoints import build_model, load_model, save_model
+from ..features.extract import extract_to_store
+from ..features.store import FeatureStore
+from ..neighbours import Neighbours
+from ..utils import atomic_path, write_json
+from .settings import auto_codebook_size
+
+
+class Timings:
+    """Stage timings persisted beside the results, so a resumed run still reports them."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.values = json.loads(path.read_text()) if path.exists() else {}
+
+    def set(self, key: str, value) -> None:
+        self.values[key] = value
+        write_json(self.path, self.values)
+
+    def get(self, key: str, default=None):
+        return self.values.get(key, default)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------
+
+
+def stage_extract(ds: Dataset, work: Path, settings: dict, timings: Timings, device: str) -> Path:
+    features = work / "features.h5"
+    model_path = work / "model.pt"
+    if model_path.exists():
+        model = load_model(str(model_path), device)
+    else:
+        model = build_model(**settings["extract"]["model"], checkpoint=settings.get("checkpoint"),
+                            device=device)
+    stats = extract_to_store(ds.image_root, ds.all_keys(), features, config=settings["extract"],
+                             model=model, device=device, whiten_keys=ds.db_keys,
+                             model_out=model_path, skip_bad=settings.get("skip_bad", False))
+    if not model_path.exists():
+        save_model(model, model_path)
+    if stats["extracted"]:
+        timings.set("extract_images_per_s", stats["images_per_s"])
+    return features
+
+
+def stage_codebook(ds: Dataset, work: Path, features: Path, settings: dict):
+    from ..asmk.codebook import Codebook
+    path = work / "codebook.npz"
+    if path.exists():
+        return Codebook.load(path)
+    size = settings.get("codebook_size")
+    if not size:
+        with FeatureStore(features) as store:
+            per_image = int(store.config.get("features_num", 1000))
+        size = auto_codebook_size(per_image * len(ds.db_keys))
+    codebook = Codebook(size=size, iterations=settings["codebook_iterations"], seed=settings["seed"])
+    codebook.train(features, keys=ds.db_keys)
+    codebook.save(path)
+    return codebook
+
+
+def stage_index(ds: Dataset, work: Path, features: Path, codebook, timings: Timings):
+    from ..asmk.indexing import build_index
+    from ..asmk.inverted_file import InvertedFile
+    path = work / "index"
+    if not path.exists():
+        started = time.perf_counter()
+        build_index(features, codebook, path, keys=ds.db_keys)
+        timings.set("index_build_s", time.perf_counter() - started)
+    return InvertedFile.load(path)
+
+
+def dir_megabytes(path: Path) -> float:
+    if path.is_file():
+        return path.stat().st_size / 2 ** 20
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2 ** 20
+
+
+def stage_asmk_query(ds: Dataset, work: Path, features: Path, codebook, index, settings: dict,
+                     timings: Timings) -> Neighbours:
+    from ..asmk.query import query_store
+    path = work / "neighbours" / "how-asmk.h5"
+    if path.exists():
+        return Neighbours.load(path)
+    started = time.perf_counter()
+    result = query_store(index, codebook, features, keys=ds.query_keys, k=settings["neighbours"],
+                         multiple_assignment=settings["multiple_assignment"])
+    timings.set("how-asmk_query_ms", 1000 * (time.perf_counter() - started) / max(1, len(ds.query_keys)))
+    result.save(path)
+    return result
+
+
+def stage_global(ds: Dataset, work: Path, features: Path, settings: dict, timings: Timings) -> Neighbours:
+    from ..features.whitening import PCAWhitening
+    from ..recognition.global_search import global_neighbours
+    path = work / "neighbours" / "global.h5"
+    if path.exists():
+        return Neighbours.load(path)
+    with FeatureStore(features) as store:
+        db = store.global_descriptors(ds.db_keys)
+        queries = store.global_descriptors(ds.query_keys)
+    whitening_path = work / "global_whitening.npz"
+    if whitening_path.exists():
+        whitening = PCAWhitening.load(whitening_path)
+    else:
+        whitening = PCAWhitening.learn(db, dims=settings["global_dims"])
+        whitening.save(whitening_path)
+    db_w = whitening.apply(db)
+    started = time.perf_counter()
+    result = global_neighbours(db_w, whitening.apply(queries), settings["neighbours"],
+                               ds.db_keys, ds.query_keys)
+    timings.set("global_query_ms", 1000 * (time.perf_counter() - started) / max(1, len(ds.query_keys)))
+    timings.set("global_index_mb", db_w.nbytes / 2 ** 20)
+    timings.set("global_whitening", whitening.note or whitening.mode)
+    result.save(path)
+    return result
+
+
+def aligned(neigh: Neighbours, ds: Dataset) -> Tuple[np.ndarray, np.ndarray]:
+    """(indices into ds.db_keys, scores) with rows in ds.query_keys order."""
+    row_of = {k: i for i, k in enumerate(neigh.query_keys)}
+    rows = np.array([row_of[k] for k in ds.query_keys])
+    db_pos = {k: i for i, k in enumerate(ds.db_keys)}
+    remap = np.array([db_pos[k] for k in neigh.db_keys] + [-1], np.int64)
+    indices = remap[neigh.indices[rows]]  # -1 padding maps to the appended -1
+    return indices, neigh.scores[rows]
+
+
+def stage_rerank(ds: Dataset, work: Path, features: Path, codebook, global_neigh: Neighbours,
+                 settings: dict, timings: Timings):
+    """Score components (global, ASMK, inliers) of the global top-``rerank_shortlist`` from the
+    local-feature reranker, saved to neighbours/global+rerank.npz (plain arrays)."""
+    from ..verify.reranker import Reranker
+    from ..verify.scores import score_shortlist
+    saved = load_rerank_scores(work)
+    if saved is not None:
+        return saved
+    shortlist_size = settings["rerank_shortlist"]
+    shortlist = Neighbours(global_neigh.query_keys, global_neigh.db_keys,
+                           global_neigh.indices[:, :shortlist_size], global_neigh.scores[:, :shortlist_size])
+    started = time.perf_counter()
+    with Reranker(features, codebook, multiple_assignment=settings["multiple_assignment"]) as reranker:
+        scores = score_shortlist(reranker, features, shortlist)
+    timings.set("global+rerank_query_ms", 1000 * (time.perf_counter() - started) / max(1, len(ds.query_keys))
+                + timings.get("global_query_ms", 0.0))
+    with atomic_path(work / RERANK_SCORES, suffix=".npz") as tmp:
+        np.savez(tmp, query_keys=np.array(scores.query_keys, dtype=str),
+                 db_keys=np.array(list(scores.db_keys), dtype=str),
+                 **{name: getattr(scores, name) for name in _RERANK_FIELDS})
+    return scores
+
+
+RERANK_SCORES = Path("neighbours") / "global+rerank.npz"
+_RERANK_FIELDS = ("indices", "global_scores", "asmk", "inliers")
+
+
+def load_rerank_scores(work: Path):
+    """The saved ShortlistScores of the global+rerank stage, or None if not computed yet."""
+    from ..verify.scores import ShortlistScores
+    path = Path(work) / RERANK_SCORES
+    if not path.exists():
+        return None
+    with np.load(path, allow_pickle=False) as saved:
+        return ShortlistScores(query_keys=saved["query_keys"].tolist(), db_keys=saved["db_keys"].tolist(),
+                               **{name: saved[name] for name in _RERANK_FIELDS})
+

@@ -1,0 +1,112 @@
+"""ASMK maths (how_met.asmk.aggregation, how_met.asmk.codes) against deliberately plain loops over the SPEC definitions."""
+import numpy as np
+import pytest
+
+from how_met.asmk import aggregation
+from how_met.asmk import codes as sign_codes
+
+
+def naive_residual_sums(desc, words, centroids):
+    """{word: sum of (descriptor - centroid) over descriptors having that word among theirs}."""
+    words = np.asarray(words).reshape(len(desc), -1)
+    out = {}
+    for w in sorted(set(words.ravel().tolist()) - {-1}):
+        members = [i for i in range(len(desc)) if w in words[i].tolist()]
+        total = np.zeros(desc.shape[1], np.float32)
+        for i in members:
+            total += desc[i] - centroids[w]
+        out[w] = total
+    return out
+
+
+def test_residual_sums_match_per_word_loop_with_multiple_assignment():
+    rng = np.random.default_rng(0)
+    centroids = rng.normal(size=(12, 8)).astype(np.float32)
+    desc = rng.normal(size=(40, 8)).astype(np.float32)
+    words = rng.integers(0, 12, (40, 3))
+    words[5] = [-1, 4, -1]          # missing assignments are ignored
+    words[6] = [7, 7, 2]            # a repeated word counts once
+    sums, w, img = aggregation.residual_sums(desc, words, centroids)
+    expected = naive_residual_sums(desc, words, centroids)
+    assert w.tolist() == sorted(expected)
+    assert (img == 0).all()
+    for row, word in zip(sums, w):
+        np.testing.assert_allclose(row, expected[word], rtol=1e-5, atol=1e-5)
+
+
+def test_residual_sums_of_several_images_sorted_by_image_then_word():
+    rng = np.random.default_rng(1)
+    centroids = rng.normal(size=(6, 4)).astype(np.float32)
+    desc = rng.normal(size=(30, 4)).astype(np.float32)
+    words = rng.integers(0, 6, 30)
+    images = rng.integers(0, 3, 30)
+    sums, w, img = aggregation.residual_sums(desc, words, centroids, images)
+    pairs = list(zip(img.tolist(), w.tolist()))
+    assert pairs == sorted(set(zip(images.tolist(), words.tolist())))
+    for row, (i, word) in zip(sums, pairs):
+        sel = (images == i) & (words == word)
+        np.testing.assert_allclose(row, (desc[sel] - centroids[word]).sum(0), rtol=1e-5, atol=1e-6)
+
+
+def test_residual_sums_rejects_bad_shapes():
+    c = np.zeros((4, 3), np.float32)
+    with pytest.raises(ValueError):
+        aggregation.residual_sums(np.zeros((5, 2), np.float32), np.zeros(5, int), c)
+    with pytest.raises(ValueError):
+        aggregation.residual_sums(np.zeros((5, 3), np.float32), np.zeros(4, int), c)
+    with pytest.raises(ValueError):
+        aggregation.residual_sums(np.zeros((5, 3), np.float32), np.full(5, 4), c)
+    empty = aggregation.residual_sums(np.zeros((0, 3), np.float32), np.zeros(0, int), c)
+    assert empty[0].shape == (0, 3) and len(empty[1]) == 0
+
+
+def test_binarize_threshold_and_packing():
+    sums = np.zeros((3, 128), np.float32)
+    sums[0, [0, 63, 64, 127]] = 1.0
+    sums[1] = -1.0
+    sums[1, 5] = 1e-9
+    sums[2] = 0.0  # exactly zero -> bit 0 (bit = sum > 0)
+    codes = sign_codes.binarize(sums)
+    assert codes.shape == (3, 2) and codes.dtype == np.uint64
+    assert codes[0].tolist() == [1 | (1 << 63), 1 | (1 << 63)]
+    assert codes[1].tolist() == [1 << 5, 0] and codes[2].tolist() == [0, 0]
+    np.testing.assert_array_equal(sign_codes.unpack_signs(codes, 128), sums > 0)
+
+
+def test_packing_pads_odd_dimensions():
+    bits = np.random.default_rng(2).random((5, 100)) > 0.5
+    codes = sign_codes.pack_signs(bits)
+    assert codes.shape == (5, 2)
+    np.testing.assert_array_equal(sign_codes.unpack_signs(codes, 100), bits)
+
+
+def test_hamming_similarity_and_selective_kernel():
+    rng = np.random.default_rng(3)
+    a, b = rng.random((4, 128)) > 0.5, rng.random((4, 128)) > 0.5
+    h = sign_codes.hamming(sign_codes.pack_signs(a), sign_codes.pack_signs(b))
+    assert h.tolist() == [(x != y).sum() for x, y in zip(a, b)]
+    s = sign_codes.hamming_similarity(np.array([0, 32, 64, 96, 128]))
+    np.testing.assert_allclose(s, [1.0, 0.5, 0.0, -0.5, -1.0])
+    np.testing.assert_allclose(sign_codes.selective_kernel(s), [1.0, 0.125, 0.0, 0.0, 0.0])
+    np.testing.assert_allclose(sign_codes.selective_kernel(s, alpha=1.0, tau=0.25), [1.0, 0.5, 0.0, 0.0, 0.0])
+    table = sign_codes.kernel_table(128, 3.0, 0.0)
+    assert table.shape == (129,)
+    for dist in range(129):
+        sim = 1 - 2 * dist / 128
+        assert table[dist] == pytest.approx(sim ** 3 if sim >= 0 else 0.0)
+
+
+def test_aggregate_non_binary_is_unit_length():
+    rng = np.random.default_rng(4)
+    centroids = rng.normal(size=(5, 16)).astype(np.float32)
+    desc = rng.normal(size=(20, 16)).astype(np.float32)
+    agg = aggregation.aggregate(desc, rng.integers(0, 5, 20), centroids, binary=False)
+    np.testing.assert_allclose(np.linalg.norm(agg.vectors, axis=1), 1.0, rtol=1e-5)
+    assert aggregation.l2_normalize(np.zeros((1, 3))).tolist() == [[0.0, 0.0, 0.0]]
+    binary = aggregation.aggregate(desc, rng.integers(0, 5, 20), centroids)
+    assert binary.vectors.dtype == np.uint64 and len(binary) == len(binary.words)
+
+
+def test_idf_weights():
+    idf = sign_codes.idf_weights(np.array([0, 1, 5, 10]), 10)
+    np.testing.assert_allclose(idf, [1.0, np.log(10) ** 2, np.log(2) ** 2, 0.0])

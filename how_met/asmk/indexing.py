@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 from .aggregation import aggregate_batch
 from .inverted_file import InvertedFile
-from ..features.settings import check_extractor
+from ..features.settings import check_extractor, check_model
 from ..utils import progress
 
 
@@ -33,14 +33,18 @@ def build_index(features_path, codebook, out, append: bool = False, batch_size: 
     out = Path(out)
     with FeatureStore(features_path, "r") as store:
         extractor = store.config
-        check_extractor(extractor, codebook.meta.get("extractor") or {}, features_path, "the codebook")
+        codebook_name = codebook.path or "the codebook"
+        check_extractor(extractor, codebook.meta.get("extractor") or {}, features_path, codebook_name)
+        check_model(store.model_fingerprint, codebook.model_fingerprint, features_path, codebook_name)
         if append and out.exists():
             ivf = InvertedFile.load(out, mmap=True)
             ivf.check_codebook(codebook)
             check_extractor(extractor, ivf.extractor, features_path, out)
+            check_model(store.model_fingerprint, ivf.model_fingerprint, features_path, out)
         else:
             ivf = InvertedFile(len(codebook.centroids), codebook.dim, binary=binary, use_idf=use_idf,
-                               codebook_fingerprint=codebook.fingerprint, extractor=extractor)
+                               codebook_fingerprint=codebook.fingerprint, extractor=extractor,
+                               model_fingerprint=store.model_fingerprint or codebook.model_fingerprint)
         todo = [k for k in (store.keys() if keys is None else keys) if k not in ivf]
         bar = progress(total=len(todo), desc="index", unit="img", disable=None if show_progress else True)
         for batch in iter_batches(todo, batch_size):

@@ -37,6 +37,7 @@ from .io import FORMAT, FORMAT_VERSION, check_consistency, read_index, write_ind
 from .kernels import (_alive_df, _compact_postings, _copy_blocks, _search_binary, _search_float,
                       _weighted_norms)
 from ..neighbours import Neighbours
+from ..features.settings import check_model
 
 MAX_IMAGES = 2 ** 32 - 1
 
@@ -49,13 +50,15 @@ class InvertedFile:
     """ASMK inverted file over ``n_words`` visual words; database images are feature-store keys.
 
     binary: packed sign codes (default) or L2-normalised float residuals. use_idf, alpha, tau:
-    default scoring (each can be overridden per search). codebook_fingerprint / extractor:
-    what the index was built with, checked when querying and appending.
+    default scoring (each can be overridden per search). codebook_fingerprint / extractor /
+    model_fingerprint: what the index was built with (codebook, extractor settings, the model
+    that made the descriptors), checked when querying and appending.
     """
 
     def __init__(self, n_words: int, dim: int = 128, binary: bool = True, use_idf: bool = False,
                  alpha: float = codes.DEFAULT_ALPHA, tau: float = codes.DEFAULT_TAU,
-                 codebook_fingerprint: Optional[str] = None, extractor: Optional[dict] = None):
+                 codebook_fingerprint: Optional[str] = None, extractor: Optional[dict] = None,
+                 model_fingerprint: Optional[str] = None):
         if n_words < 1 or dim < 1:
             raise ValueError(f"inverted file needs n_words >= 1 and dim >= 1, got {n_words}, {dim}")
         self.n_words = int(n_words)
@@ -66,6 +69,7 @@ class InvertedFile:
         self.tau = float(tau)
         self.codebook_fingerprint = codebook_fingerprint
         self.extractor = dict(extractor or {})
+        self.model_fingerprint = model_fingerprint
         self.created = _now()
         self.path: Optional[Path] = None
         self._keys: List[str] = []
@@ -355,6 +359,7 @@ class InvertedFile:
             "use_idf": self.use_idf, "alpha": self.alpha, "tau": self.tau,
             "n_images": self.n_slots, "n_alive": len(self), "n_postings": self.n_postings,
             "codebook_fingerprint": self.codebook_fingerprint, "extractor": self.extractor,
+            "model_fingerprint": self.model_fingerprint,
             "created": self.created, "saved": _now(),
             "arrays": {name: {"shape": list(a.shape), "dtype": a.dtype.str} for name, a in arrays.items()},
         }
@@ -378,7 +383,7 @@ class InvertedFile:
         path = Path(path)
         meta, arrays, keys = read_index(path, mmap)
         ivf = cls(meta["n_words"], meta["dim"], meta["binary"], meta["use_idf"], meta["alpha"], meta["tau"],
-                  meta.get("codebook_fingerprint"), meta.get("extractor"))
+                  meta.get("codebook_fingerprint"), meta.get("extractor"), meta.get("model_fingerprint"))
         check_consistency(path, meta, arrays, keys, ivf.vector_width, ivf.vector_dtype, verify)
         ivf.created = meta.get("created", ivf.created)
         ivf._offsets = arrays["offsets"]
@@ -392,11 +397,14 @@ class InvertedFile:
         return ivf
 
     def check_codebook(self, codebook) -> None:
-        """Refuse a codebook other than the one this index was built with."""
+        """Refuse a codebook other than the one this index was built with, or one trained on
+        descriptors of another model."""
         where = self.path or "the inverted file"
         if self.codebook_fingerprint and self.codebook_fingerprint != codebook.fingerprint:
-            raise ValueError(f"{where}: was built with another codebook (fingerprint "
-                             f"{self.codebook_fingerprint}, given {codebook.fingerprint})")
+            raise ValueError(f"{where} was built with another codebook (fingerprint "
+                             f"{self.codebook_fingerprint}) than {codebook.path or 'the codebook given'} "
+                             f"({codebook.fingerprint})")
+        check_model(codebook.model_fingerprint, self.model_fingerprint, codebook.path or "the codebook", where)
         if self.n_words != len(codebook.centroids) or self.dim != codebook.dim:
             raise ValueError(f"{where}: has {self.n_words} words of dim {self.dim}; the codebook has "
                              f"{len(codebook.centroids)} of dim {codebook.dim}")

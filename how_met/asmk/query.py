@@ -78,11 +78,12 @@ def query_store(index, codebook, features_path, k: int = DEFAULT_K,
                 use_idf: Optional[bool] = None, show_progress: bool = True,
                 timings: Optional[dict] = None) -> Neighbours:
     """Rank the database for every image of a query feature store (or ``keys`` of it)."""
-    from ..features.settings import check_extractor
+    from ..features.settings import check_extractor, check_model
     from ..features.store import FeatureStore
     index, codebook = load_index_and_codebook(index, codebook)
     with FeatureStore(features_path, "r") as store:
         check_extractor(store.config, index.extractor, features_path, index.path or "the index")
+        check_model(store.model_fingerprint, index.model_fingerprint, features_path, index.path or "the index")
         keys = store.keys() if keys is None else list(keys)
         indices, scores = [np.zeros((0, k), np.int64)], [np.zeros((0, k), np.float32)]
         db_keys = None

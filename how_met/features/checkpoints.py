@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 
 from .backbones import BACKBONES
-from .network import HOWNet, ModelConfig
+from .network import HOWNet, ModelConfig, model_fingerprint
 from ..utils import atomic_path
 
 CHECKPOINT_FORMAT = "how-met/1"
@@ -66,6 +66,10 @@ def load_model(source: str, device: str = "cpu") -> HOWNet:
         if missing or unexpected:
             raise RuntimeError(f"{source}: checkpoint does not match its config "
                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        recorded = ckpt.get("model_fingerprint")
+        if recorded is not None and recorded != model_fingerprint(model):
+            raise RuntimeError(f"{source}: weights do not match the model fingerprint the file records "
+                               f"({recorded}, computed {model_fingerprint(model)}): damaged or edited file")
         return model.to(device).eval()
     if "meta" in ckpt:  # old official layout
         meta = ckpt["meta"]
@@ -103,6 +107,7 @@ def save_model(model: HOWNet, path: os.PathLike) -> None:
     payload = {
         "format": CHECKPOINT_FORMAT,
         "config": json.dumps(asdict(model.config)),
+        "model_fingerprint": model_fingerprint(model),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
     with atomic_path(path) as tmp:

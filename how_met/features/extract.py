@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from .backbones import BACKBONES
-from .checkpoints import build_model, save_model
-from .settings import WHITEN_FEATURES, WHITEN_IMAGES, resolve_config, store_config
+from .checkpoints import build_model, load_model, save_model
+from .settings import WHITEN_FEATURES, WHITEN_IMAGES, check_model, resolve_config, store_config
 from .images import ImageError, load_image
-from .network import HOWNet
+from .network import HOWNet, model_fingerprint
 from .store import FeatureStore, LocalFeatures
 from .whitening import whitening_from_moments
 from ..utils import configure_threads, free_cores, progress
@@ -219,22 +219,66 @@ def parse_shard(shard: Optional[str]) -> Optional[Tuple[int, int]]:
     return i, n
 
 
+def default_model_path(store_path) -> Path:
+    """Where extraction saves the model of a store that names no model file: beside it."""
+    store_path = Path(store_path)
+    return store_path.with_name(store_path.stem + ".model.pt")
+
+
+def extraction_config_of(recorded: dict) -> dict:
+    """The extraction config (as ``extract_to_store`` takes it) a store's record describes."""
+    model = recorded.get("model") or {}
+    return resolve_config({"model": {k: model.get(k) for k in ("backbone", "layer", "dim")},
+                           **{k: recorded[k] for k in ("scales", "features_num", "image_size", "gem")
+                              if k in recorded}})
+
+
+def model_of_store(store_path, device: str = "cpu") -> Tuple[HOWNet, dict, Path]:
+    """(model, extraction config, model file) that made the descriptors of a feature store:
+    what to extract queries with so that they can be compared with that store."""
+    with FeatureStore(store_path, "r") as store:
+        model_file, fingerprint, recorded = store.model_file, store.model_fingerprint, store.config
+    if model_file is None:
+        raise FileNotFoundError(f"{store_path}: records no model file (written by an older how-met); "
+                                f"pass the model it was extracted with as the checkpoint instead")
+    if not model_file.is_file():
+        raise FileNotFoundError(f"{store_path}: its model file {model_file} is missing")
+    model = load_model(str(model_file), device)
+    check_model(model_fingerprint(model), fingerprint, model_file, store_path)
+    return model, extraction_config_of(recorded), model_file
+
+
 def extract_to_store(image_root, keys: Sequence[str], out, config=None,
                      model: Optional[HOWNet] = None, device: str = "cpu", batch_size: int = 1,
                      workers: Optional[int] = None, skip_bad: bool = False, float16: bool = False,
                      shard: Optional[Tuple[int, int]] = None, whiten_keys: Optional[Sequence[str]] = None,
-                     model_out=None, autocast: bool = False, flush_every: int = 50) -> dict:
+                     model_out=None, autocast: bool = False, flush_every: int = 50, like=None) -> dict:
     """Extract features of ``keys`` (paths relative to ``image_root``) into ``out``.
 
-    Images already in the store are skipped (resume). If the model has no PCA-whitening yet it
-    is learned first from ``whiten_keys`` (default: ``keys``), saved to ``model_out`` if given,
-    and the features computed for it are reused. Returns stats (counts, seconds, images/s).
+    ``like``: a feature store (path) whose model and extraction settings to use -- how query
+    images are extracted so that they can be searched against that database. Otherwise
+    ``model`` (default: built from ``config``); when it has no PCA-whitening yet, the whitening
+    is learned first from ``whiten_keys`` (default: ``keys``) and the features computed for it
+    are reused. Images already in the store are skipped (resume; a store that records its model
+    resumes with it). The store records the model's fingerprint and its file: ``model_out``,
+    else the model ``like`` names, else ``<out stem>.model.pt`` beside the store. Returns stats
+    (counts, seconds, images/s).
     """
+    model_file = None
+    if like is not None:
+        if model is not None or config is not None:
+            raise ValueError("extract_to_store: give like= or model/config, not both")
+        model, config, model_file = model_of_store(like, device)
     config = resolve_config(config)
     image_root = Path(image_root)
     if not image_root.is_dir():
         raise FileNotFoundError(f"{image_root}: image root is not a directory")
     configure_threads()
+    if (model is None or not model.has_whitening) and Path(out).is_file() and like is None:
+        with FeatureStore(out, "r") as existing:
+            resumable = existing.model_file is not None and existing.model_file.is_file() and len(existing)
+        if resumable:  # resume with the model the stored descriptors came from
+            model, _, model_file = model_of_store(out, device)
     if model is None:
         model = build_model(**config["model"], device=device)
     model.to(device).eval()
@@ -249,14 +293,22 @@ def extract_to_store(image_root, keys: Sequence[str], out, config=None,
         todo = [k for k in keys if k not in store]
         skipped = len(keys) - len(todo)
         raw: Dict[str, LocalFeatures] = {}
+        learned = False
         if todo and not model.has_whitening:
             sample_from = list(whiten_keys) if whiten_keys is not None else keys
             reuse = min(len(sample_from), WHITEN_IMAGES) <= REUSE_RAW_MAX_IMAGES
             raw = learn_whitening(model, image_root, sample_from, config, batch_size=batch_size,
                                   workers=workers, skip_bad=True, keep_raw=reuse) or {}
-            if model_out:
-                save_model(model, model_out)
-        store.set_config(store_config(model, config))
+            learned = True
+        if model.has_whitening:
+            store.set_config(store_config(model, config))
+            store.set_model_fingerprint(model_fingerprint(model))
+            if model_out is not None or model_file is None:
+                model_file = Path(model_out) if model_out is not None else \
+                    (store.model_file or default_model_path(out))
+                if learned or not model_file.exists():
+                    save_model(model, model_file)
+            store.set_model_file(model_file)
         runner = _inference_copy(model) if todo else model
         features_num = config["features_num"]
         for key in todo:

@@ -8,8 +8,10 @@ written by ``how_met.features.checkpoints``.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -205,3 +207,21 @@ class HOWNet(nn.Module):
                 gem=None if gem_sum is None else F.normalize(gem_sum[b], dim=0),
             ))
         return outputs
+
+
+def model_fingerprint(model: HOWNet) -> str:
+    """What made a model's descriptors, as 16 hex digits: SHA-256 over the canonical JSON of its
+    config and every tensor of its state dict in name order (name, dtype, shape, then bytes).
+
+    The PCA-whitening lives in the reduction layer's weights, so two whitenings of one backbone
+    have two fingerprints. ``config.checkpoint`` (where the weights were read from) is left out:
+    the same weights read from another path are the same model. Feature stores, codebooks and
+    inverted files record the fingerprint; every consumer refuses files that disagree.
+    """
+    config = {k: v for k, v in asdict(model.config).items() if k != "checkpoint"}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        array = tensor.detach().cpu().contiguous().numpy()
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()[:16]

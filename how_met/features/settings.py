@@ -86,3 +86,31 @@ def check_extractor(features_config: dict, expected: dict, features_name, expect
     differing = sorted(k for k in set(features_config) | set(expected) if features_config.get(k) != expected.get(k))
     logger.warning("%s: extraction settings differ from %s in %s", features_name, expected_name, ", ".join(differing))
 
+
+class ModelMismatchError(ValueError):
+    """Two files whose descriptors come from different models (the message names both)."""
+
+
+_UNCHECKED: set = set()
+
+
+def check_model(fingerprint, expected, name, expected_name) -> None:
+    """Refuse to combine ``name`` and ``expected_name`` when the models that made their
+    descriptors differ (``fingerprint`` vs ``expected``, see features.network.model_fingerprint).
+
+    Descriptors of two models -- one backbone with two PCA-whitenings, say -- live in different
+    spaces: mixed, every score is noise. A file written before how-met recorded fingerprints
+    (None) is accepted with a warning.
+    """
+    if fingerprint and expected:
+        if fingerprint != expected:
+            raise ModelMismatchError(
+                f"{name} (model {fingerprint}) and {expected_name} (model {expected}) come from different "
+                f"models, e.g. two PCA-whitenings; extract both with one model (how-met extract --like "
+                f"DATABASE.h5, or extract_to_store(..., like=...))")
+        return
+    unchecked = name if not fingerprint else expected_name
+    if (str(name), str(expected_name)) not in _UNCHECKED:
+        _UNCHECKED.add((str(name), str(expected_name)))
+        logger.warning("%s records no model fingerprint (written before how-met recorded them): cannot check "
+                       "that %s and %s come from one model", unchecked, name, expected_name)

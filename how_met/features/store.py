@@ -10,6 +10,8 @@ Layout (hloc-style; a key with slashes becomes nested groups)::
     /<key>.attrs["image_size"]  (width, height) of the original image
     /<key>.attrs["input_size"]  (width, height) after the shrink-only resize (scale 1)
     /.attrs["extractor"]        JSON of the extractor config (backbone, layer, stride, scales, ...)
+    /.attrs["model_fingerprint"]  fingerprint of the model that made the descriptors
+    /.attrs["model_file"]       that model's file, relative to the store's folder
 
 Writes are atomic per image: a group is written under ``/__partial__`` and moved to its key
 only when complete, so a crash never leaves a half-written image behind; ``/__partial__`` is
@@ -77,6 +79,8 @@ class FeatureStore:
             raise ValueError("mode must be 'r' or 'a'")
         if mode == "r" and not self.path.exists():
             raise FeatureStoreError(f"{self.path}: feature store does not exist")
+        if mode == "a":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._file = h5py.File(self.path, mode)
         except OSError as exc:
@@ -120,6 +124,32 @@ class FeatureStore:
                 f"{self.path}: holds features of another extractor config "
                 f"({json.dumps(current, sort_keys=True)}); use a new file")
         self._file.attrs["extractor"] = json.dumps(config, sort_keys=True)
+
+    @property
+    def model_fingerprint(self) -> Optional[str]:
+        """Fingerprint of the model that made the descriptors (None in stores written before
+        how-met recorded it)."""
+        value = self._file.attrs.get("model_fingerprint")
+        return str(value) if value else None
+
+    def set_model_fingerprint(self, fingerprint: str) -> None:
+        """Record the model's fingerprint; refuses to mix descriptors of two models (two
+        PCA-whitenings of one backbone are two models)."""
+        current = self.model_fingerprint
+        if current and current != fingerprint:
+            raise FeatureStoreError(
+                f"{self.path}: holds descriptors of model {current}, not of this model ({fingerprint}); "
+                f"extract into a new file, or with the store's own model (--like {self.path})")
+        self._file.attrs["model_fingerprint"] = fingerprint
+
+    @property
+    def model_file(self) -> Optional[Path]:
+        """The file of the model that made the descriptors, if the store records one."""
+        value = self._file.attrs.get("model_file")
+        return (self.path.parent / str(value)) if value else None
+
+    def set_model_file(self, path: os.PathLike) -> None:
+        self._file.attrs["model_file"] = os.path.relpath(Path(path).resolve(), self.path.parent.resolve())
 
     # -- keys ------------------------------------------------------------------------------------
     def keys(self) -> List[str]:
@@ -249,7 +279,8 @@ def merge_stores(inputs: Sequence[os.PathLike], out: os.PathLike, overwrite: boo
     """
     out_path = Path(out)
     if out_path.exists() and not overwrite:
-        raise FeatureStoreError(f"{out_path}: exists (pass overwrite=True to replace it)")
+        raise FeatureStoreError(f"{out_path}: exists (how-met merge --overwrite, or overwrite=True, "
+                                f"replaces it)")
     tmp = out_path.with_name(out_path.name + ".tmp")
     if tmp.exists():
         tmp.unlink()
@@ -261,8 +292,16 @@ def merge_stores(inputs: Sequence[os.PathLike], out: os.PathLike, overwrite: boo
                 if config is None:
                     config = shard.config
                     merged.set_config(config)
+                    if shard.model_file is not None:
+                        merged.set_model_file(shard.model_file)
                 elif shard.config != config:
                     raise FeatureStoreError(f"{path}: extractor config differs from the other shards")
+                if shard.model_fingerprint:
+                    try:
+                        merged.set_model_fingerprint(shard.model_fingerprint)
+                    except FeatureStoreError:
+                        raise FeatureStoreError(f"{path}: descriptors of another model ({shard.model_fingerprint}) "
+                                                f"than the shards before it ({merged.model_fingerprint})") from None
                 for key in shard.keys():
                     if key not in seen:
                         merged.copy_from(shard, key)

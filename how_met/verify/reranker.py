@@ -51,6 +51,7 @@ import numpy as np
 
 from ..asmk.aggregation import aggregate
 from ..asmk.codes import DEFAULT_ALPHA, DEFAULT_TAU, hamming, kernel_table
+from ..features.settings import check_model
 from ..features.store import LocalFeatures, open_store
 from .geometry import MODELS, RansacResult, ransac
 from .matching import _l2_normalise, mutual_nearest_neighbours, scale_consistent, shared_word_matches
@@ -171,6 +172,12 @@ class Reranker:
         if use_idf and idf is None:
             raise ValueError("use_idf needs the database's idf: pass index= (or idf=)")
         self.store, self._owns_store = open_store(store)
+        try:
+            check_model(self.store.model_fingerprint, getattr(self.codebook, "model_fingerprint", None),
+                        self.store.path, getattr(self.codebook, "path", None) or "the codebook")
+        except ValueError:
+            self.close()
+            raise
         if stride is None:
             stride = self.store.config.get("stride")
             if stride is None:

@@ -7,6 +7,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from ..features.settings import check_model
 from ..features.store import open_store
 from ..neighbours import Neighbours
 from ..utils import progress
@@ -89,6 +90,7 @@ def score_shortlist(reranker, query_store, shortlist, verify: bool = True,
     """
     store, owned = open_store(query_store)
     try:
+        check_model(store.model_fingerprint, reranker.store.model_fingerprint, store.path, reranker.store.path)
         indices = np.asarray(shortlist.indices, np.int64)
         global_scores = np.asarray(shortlist.scores, np.float32)
         db_keys = shortlist.db_keys

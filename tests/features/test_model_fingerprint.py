@@ -18,6 +18,7 @@ from how_met.features.extract import extract_to_store, model_of_store
 from how_met.features.network import model_fingerprint
 from how_met.features.settings import ModelMismatchError
 from how_met.features.store import FeatureStore, FeatureStoreError
+from how_met.neighbours import Neighbours
 from how_met.verify.reranker import Reranker
 from how_met.verify.scores import score_shortlist
 
@@ -128,5 +129,4 @@ def test_cli_refuses_mixed_files_with_one_line(trap, tmp_path, capsys, museum_di
                  "--workers", "0"]) == 0
     assert main(["query", "--index", str(trap["index"]), "--codebook", str(trap["cb"]),
                  "--features", str(out), "--out", str(tmp_path / "r.json"), "-k", "1"]) == 0
-    ranked = json.loads((tmp_path / "r.json").read_text())
-    assert ranked["db_keys"][ranked["indices"][0][0]] == painting
+    assert Neighbours.load(tmp_path / "r.json").top("visitor.jpg")[0][0] == painting

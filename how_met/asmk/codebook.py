@@ -24,6 +24,7 @@ import datetime
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -33,7 +34,8 @@ import faiss
 import numpy as np
 
 from .settings import (APPROX_THRESHOLD, CODEBOOK_RECIPES, DEFAULT_EF_SEARCH, DEFAULT_HNSW_M,
-                       DEFAULT_MAX_DESCRIPTORS, DEFAULT_NPROBE, SEARCH_METHODS, default_codebook_dir)
+                       DEFAULT_MAX_DESCRIPTORS, DEFAULT_NPROBE, KMEANS_POINTS_PER_WORD, SEARCH_METHODS,
+                       auto_codebook_size, default_codebook_dir)
 from ..utils import atomic_path, progress, write_json
 
 logger = logging.getLogger(__name__)
@@ -124,7 +126,13 @@ class Codebook:
         held_out = data[rng.choice(len(data), min(recall_sample, len(data)), replace=False)]
         d = data.shape[1]
         started = time.perf_counter()
+        if len(data) < KMEANS_POINTS_PER_WORD * self.size:
+            # (said here, through logging, instead of faiss's own print to stderr)
+            logger.warning("codebook: %d training descriptors for %d words (fewer than %d per word): the words "
+                           "will be noisy; use fewer words (--size %d) or more images", len(data), self.size,
+                           KMEANS_POINTS_PER_WORD, max(1, 2 ** int(math.log2(max(len(data) // KMEANS_POINTS_PER_WORD, 1)))))
         kmeans = faiss.Kmeans(d, self.size, niter=self.iterations, seed=self.seed, verbose=False,
+                              min_points_per_centroid=1,
                               max_points_per_centroid=max(256, len(data) // self.size + 1))
         kmeans.train(data)
         self.centroids = np.ascontiguousarray(kmeans.centroids, np.float32)
@@ -366,19 +374,32 @@ def quantisation_recall(codebook: Codebook, descriptors: np.ndarray, k: int = 5)
             "approx_ms_per_1000": round(1000 * (t2 - t1) * 1000 / n, 2)}
 
 
+def codebook_size_for(store, keys: Optional[Sequence[str]] = None) -> int:
+    """The automatic codebook size (``auto_codebook_size``) for the descriptors of ``keys`` (default:
+    all images) of a feature store or its path: the rule ``how-met evaluate`` sizes codebooks by."""
+    from ..features.store import open_store
+    store, owned = open_store(store)
+    try:
+        n_images = len(store.keys() if keys is None else keys)
+        per_image = int(store.config.get("features_num", 1000))
+    finally:
+        if owned:
+            store.close()
+    return auto_codebook_size(per_image * n_images)
+
+
 def train_codebook(features, size: Optional[int] = None, recipe: Optional[str] = None,
                    iterations: Optional[int] = None, seed: Optional[int] = None,
                    max_descriptors: Optional[int] = None, max_images: Optional[int] = None,
                    method: str = "auto", out=None):
     """Train a codebook on a feature store and save it. ``recipe`` (a CODEBOOK_RECIPES name)
-    supplies every setting not given explicitly and the file name; ``out`` defaults to
-    ``codebooks/<recipe or store name-size>.npz``. Returns (codebook, saved path)."""
+    supplies every setting not given explicitly and the file name; without a size either, the
+    codebook is sized like ``how-met evaluate`` sizes it (``codebook_size_for``). ``out`` defaults
+    to ``codebooks/<recipe or store name-size>.npz``. Returns (codebook, saved path)."""
     from ..features.store import FeatureStore
 
     settings = dict(CODEBOOK_RECIPES[recipe]) if recipe else {}
     size = size or settings.get("size")
-    if not size:
-        raise ValueError("give --size or --recipe")
     training = {"iterations": iterations or settings.get("iterations", 10),
                 "seed": seed if seed is not None else settings.get("seed", 0),
                 "max_descriptors": max_descriptors or settings.get("max_descriptors", DEFAULT_MAX_DESCRIPTORS)}
@@ -388,6 +409,7 @@ def train_codebook(features, size: Optional[int] = None, recipe: Optional[str] =
         if max_images and max_images < len(keys):
             rng = np.random.default_rng(training["seed"])
             keys = sorted(rng.choice(keys, max_images, replace=False).tolist())
+        size = size or codebook_size_for(store, keys)
         codebook = Codebook(size=size, method=method, **training)
         codebook.train(store, keys=keys)
     if recipe:

@@ -4,7 +4,6 @@ torch): the command line builds its options from these names."""
 from __future__ import annotations
 
 import copy
-import math
 from typing import Optional
 
 from ..features.settings import CONFIGS, DEFAULT_CONFIG
@@ -22,6 +21,7 @@ DEFAULT_SETTINGS = {
     "rerank_shortlist": 100,
     "methods": list(METHODS),
     "seed": 0,
+    "target_precision": 0.95,         # the recogniser accepts answers at this validation precision
 }
 # Fast settings for the test suite and `how-met demo --quick`.
 QUICK_SETTINGS = {
@@ -29,20 +29,6 @@ QUICK_SETTINGS = {
     "extract": {**copy.deepcopy(CONFIGS[DEFAULT_CONFIG]), "features_num": 400, "image_size": 320,
                 "scales": [1.0, 0.707]},
 }
-
-
-def auto_codebook_size(n_descriptors: int) -> int:
-    """~200 descriptors per visual word (the published 65k words for ~20M descriptors are ~300),
-    rounded to a power of two and kept within [1024, 65536].
-
-    Measured HOW+ASMK GAP (2-fold cross-tuned) with the default extractor: museum (231k
-    database descriptors) 97.3 at 1k words, 90.6 at 4k, 89.8 at 16k; landmarks (9k) 68.1 at
-    256, 69.7 at 1k, 71.1 at 4k; demo museum (36k) 33.8 at 256, 60.7 at 1k, 86.1 at 4k.
-    Fewer than 1k words are never better: with query multiple assignment 5 nearly every word
-    is hit and the binary signatures of large residual sums stop telling images apart.
-    """
-    words = 2 ** int(round(math.log2(max(n_descriptors, 1) / 200)))
-    return int(min(65536, max(1024, words)))
 
 
 def merge_settings(settings: Optional[dict], overrides: dict) -> dict:

@@ -15,7 +15,6 @@ from ..features.extract import extract_to_store
 from ..features.store import FeatureStore
 from ..neighbours import Neighbours
 from ..utils import atomic_path, write_json
-from .settings import auto_codebook_size
 
 
 class Timings:
@@ -57,15 +56,11 @@ def stage_extract(ds: Dataset, work: Path, settings: dict, timings: Timings, dev
 
 
 def stage_codebook(ds: Dataset, work: Path, features: Path, settings: dict):
-    from ..asmk.codebook import Codebook
+    from ..asmk.codebook import Codebook, codebook_size_for
     path = work / "codebook.npz"
     if path.exists():
         return Codebook.load(path)
-    size = settings.get("codebook_size")
-    if not size:
-        with FeatureStore(features) as store:
-            per_image = int(store.config.get("features_num", 1000))
-        size = auto_codebook_size(per_image * len(ds.db_keys))
+    size = settings.get("codebook_size") or codebook_size_for(features, ds.db_keys)
     codebook = Codebook(size=size, iterations=settings["codebook_iterations"], seed=settings["seed"])
     codebook.train(features, keys=ds.db_keys)
     codebook.save(path)

@@ -139,3 +139,20 @@ def test_cli_trains_and_writes_codebook(tmp_path, capsys):
 def test_recipes_are_described():
     for name, recipe in CODEBOOK_RECIPES.items():
         assert {"extractor", "size", "iterations", "images", "description"} <= set(recipe), name
+
+
+def test_cli_sizes_the_codebook_like_evaluate_and_logs_too_few_points(tmp_path, capfd, caplog):
+    """Without --size: ~200 descriptors per word, at least 1k words; the store below holds
+    6 x 200 descriptors, fewer than faiss wants for 1k words, which is logged (not printed)."""
+    from how_met.cli import main
+    rng = np.random.default_rng(6)
+    centres = rng.normal(size=(8, 16)).astype(np.float32)
+    path = write_store(tmp_path / "feats.h5", [clustered(rng, 200, centres) for _ in range(6)],
+                       config={**CONFIG, "features_num": 200})
+    with caplog.at_level("WARNING", logger="how_met.asmk.codebook"):
+        assert main(["codebook", "--features", str(path), "--out", str(tmp_path / "cb.npz")]) == 0
+    captured = capfd.readouterr()  # file descriptors: faiss prints from C++
+    assert json.loads(captured.out.strip().splitlines()[-1])["size"] == 1024
+    assert "please provide" not in captured.err  # faiss's own print is silenced
+    assert any("1200 training descriptors for 1024 words" in r.getMessage() and "--size 16" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]

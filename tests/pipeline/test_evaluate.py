@@ -6,7 +6,8 @@ import pytest
 
 from how_met.datasets import load_met
 from how_met.pipeline.evaluate import run_evaluation
-from how_met.pipeline.settings import QUICK_SETTINGS, auto_codebook_size
+from how_met.asmk.settings import auto_codebook_size
+from how_met.pipeline.settings import QUICK_SETTINGS
 from how_met.pipeline.stages import load_rerank_scores
 from met_fixture import write_met_fixture
 

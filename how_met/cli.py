@@ -297,6 +297,9 @@ def _configure_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (logged)")
     p.add_argument("--skip-missing", action="store_true", help="skip images listed but not on disk")
     p.add_argument("--report", action="store_true", help="also write the HTML report")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rerun the chance-dependent stages (codebook seed, fold split) this many times "
+                        "on the same features and report mean +- std")
 
 
 def _evaluation_settings(args) -> dict:
@@ -326,7 +329,7 @@ def _run_evaluate(args) -> int:
         ds = load_dataset(args.data, skip_missing=args.skip_missing)
     started = time.perf_counter()
     results = run_evaluation(work_dir=args.work, settings=settings, cv=args.cv, dataset=ds,
-                             device=args.device)
+                             device=args.device, repeats=args.repeats)
     print(format_table(results))
     print(f"\nresults: {args.work / 'results.json'} ({time.perf_counter() - started:.0f} s)")
     if args.report:

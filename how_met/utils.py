@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Dict, Iterable, Iterator, Optional
 
 from tqdm.auto import tqdm
 
@@ -65,9 +65,19 @@ def free_cores() -> int:
     return max(1, min(cores, int(round(cores - busy + 0.25))))
 
 
+_configured_threads: Optional[int] = None
+
+
+def configured_threads() -> Optional[int]:
+    """The thread count the last ``configure_threads`` chose (None before the first call)."""
+    return _configured_threads
+
+
 def configure_threads(n: Optional[int] = None) -> int:
     """Size the torch, faiss and numba thread pools to ``n`` (default: free_cores())."""
+    global _configured_threads
     n = free_cores() if n is None else max(1, int(n))
+    _configured_threads = n
     try:
         import torch
         torch.set_num_threads(n)
@@ -84,6 +94,24 @@ def configure_threads(n: Optional[int] = None) -> int:
     except ImportError:
         pass
     return n
+
+
+# Distributions whose version can change a result (recorded in results.json).
+RESULT_LIBRARIES = ("torch", "torchvision", "numpy", "scipy", "faiss-cpu", "numba", "h5py", "pillow")
+
+
+def library_versions() -> Dict[str, Optional[str]]:
+    """Installed versions of Python and of ``RESULT_LIBRARIES`` (None if not installed), read
+    from the package metadata so nothing heavy is imported."""
+    import platform
+    from importlib import metadata
+    versions: Dict[str, Optional[str]] = {"python": platform.python_version()}
+    for name in RESULT_LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def progress(iterable: Iterable = None, desc: str = "", total: Optional[int] = None,

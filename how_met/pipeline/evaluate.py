@@ -12,23 +12,29 @@ Work directory layout (each file is written atomically; a stage whose output exi
     predictions/<method>.json  per query: prediction, confidence, top-5 (for the report)
     timings.json             seconds and rates measured by the stages
     results.json, results.md  metrics per method
+    repeats/seed-<s>/        with ``repeats`` > 1: codebook, index and neighbour lists of the
+                             other codebook seeds (features and global lists are shared)
 
 Protocol: a dataset with val and test queries is tuned on val and measured on test; a dataset
 with one query set uses ``cv``-fold cross-tuning (default 2), which the output says.
+
+Error bars: the codebook seed moves HOW+ASMK on the small shared sets by several GAP, so
+``repeats`` reruns the chance-dependent stages (codebook seed and fold split) and every metric is
+reported as mean +- std over the repeats.
 """
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..datasets import DISTRACTOR, Dataset, load_dataset
 from ..recognition import fusion, knn
 from ..recognition.protocol import protocol_folds, tune_and_test
-from ..utils import configure_threads, write_json
+from ..utils import configure_threads, library_versions, write_json
 from .settings import METHODS, merge_settings
 from .stages import (Timings, aligned, dir_megabytes, stage_asmk_query, stage_codebook, stage_extract,
                      stage_global, stage_index, stage_rerank)
@@ -49,7 +55,7 @@ def _predictions_json(ds: Dataset, outcome: dict) -> list:
 
 
 def format_table(results: dict) -> str:
-    """Markdown table: one row per method."""
+    """Markdown table: one row per method; "mean \u00b1 std" when the run was repeated."""
     lines = [f"Dataset {results['dataset']['name']}: {results['dataset']['n_db']} database images "
              f"({results['dataset']['n_classes']} classes), {results['dataset']['n_queries']} queries "
              f"({results['dataset']['n_distractors']} distractors); protocol: {results['protocol']}",
@@ -60,21 +66,77 @@ def format_table(results: dict) -> str:
     def num(v, fmt):
         return "-" if v is None else (fmt.format(v) if isinstance(v, (int, float)) else str(v))
 
+    def metric(m, key):
+        std = m.get(f"{key}_std")
+        return num(m[key], "{:.1f}") + ("" if std is None else f" \u00b1 {std:.1f}")
+
     for name, m in results["methods"].items():
-        lines.append(f"| {name} | {num(m['GAP'], '{:.1f}')} | {num(m['GAP-'], '{:.1f}')} | "
-                     f"{num(m['ACC'], '{:.1f}')} | {num(m['K'], '{}')} | {num(m['t'], '{:g}')} | "
+        lines.append(f"| {name} | {metric(m, 'GAP')} | {metric(m, 'GAP-')} | {metric(m, 'ACC')} | "
+                     f"{num(m['K'], '{}')} | {num(m['t'], '{:g}')} | "
                      f"{num(m.get('extract_images_per_s'), '{:.2f}')} | "
                      f"{num(m.get('query_ms_per_image'), '{:.1f}')} | {num(m.get('index_mb'), '{:.2f}')} |")
     return "\n".join(lines)
 
 
+REPEATED_METRICS = ("GAP", "GAP-", "ACC")
+
+
+def repeat_seeds(seed: int, repeats: int) -> List[int]:
+    """The seeds of ``repeats`` runs: ``seed`` (the run itself), then seed + 1, seed + 2, ..."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    return [seed + r for r in range(repeats)]
+
+
+def repeat_dir(work: Path, base_seed: int, seed: int) -> Path:
+    """Where the seed-dependent stages of one repeat live: the work directory itself for the
+    base seed, ``repeats/seed-<s>/`` for the others (codebook, index, ASMK and rerank lists)."""
+    return work if seed == base_seed else work / "repeats" / f"seed-{seed}"
+
+
+def mean_std(values: Sequence[float]) -> Tuple[float, Optional[float]]:
+    """Mean and sample standard deviation (ddof 1; None for a single value)."""
+    values = np.asarray(values, np.float64)
+    return float(values.mean()), (float(values.std(ddof=1)) if len(values) > 1 else None)
+
+
+def _method_candidates(ds: Dataset, run: Path, features: Path, settings: dict, timings: Timings,
+                       methods: Sequence[str], global_list) -> Dict[str, List[Tuple[dict, np.ndarray, np.ndarray]]]:
+    """Candidate neighbour lists of every method for one codebook seed (``settings["seed"]``);
+    the global list does not depend on it and is passed in."""
+    lists: Dict[str, List[Tuple[dict, np.ndarray, np.ndarray]]] = {}
+    if global_list is not None:
+        lists["global"] = [({}, *global_list[0])]
+    if {"how-asmk", "fusion", "global+rerank"} & set(methods):
+        codebook = stage_codebook(ds, run, features, settings)
+    if "how-asmk" in methods or "fusion" in methods:
+        index = stage_index(ds, run, features, codebook, timings)
+        asmk_neigh = stage_asmk_query(ds, run, features, codebook, index, settings, timings)
+        lists["how-asmk"] = [({}, *aligned(asmk_neigh, ds))]
+    if "fusion" in methods:
+        a, b = lists["global"][0][1:], lists["how-asmk"][0][1:]
+        lists["fusion"] = [({"weight": float(w)}, *fusion.fuse_neighbours(a[0], a[1], b[0], b[1], w))
+                           for w in fusion.DEFAULT_WEIGHTS]
+    if "global+rerank" in methods:
+        scores = stage_rerank(ds, run, features, codebook, global_list[1], settings, timings)
+        lists["global+rerank"] = [(weights.as_dict(), *aligned(scores.fuse(weights), ds))
+                                  for weights in fusion.fusion_grid()]
+    return lists
+
 
 def run_evaluation(data_dir=None, work_dir="how-met-work", settings: Optional[dict] = None,
                    cv: Optional[int] = None, dataset: Optional[Dataset] = None, device: str = "cpu",
-                   **overrides) -> dict:
-    """Run (or resume) every stage on a Met-format directory and return the results dict."""
+                   repeats: int = 1, **overrides) -> dict:
+    """Run (or resume) every stage on a Met-format directory and return the results dict.
+
+    ``repeats`` > 1 reruns what depends on chance -- the codebook seed (k-means, hence index,
+    ASMK lists and rerank scores) and the fold split -- with seeds ``seed``, ``seed + 1``, ...
+    reusing the extracted features and the global lists; every metric is then reported as the
+    mean and sample std over the repeats. Per-query predictions, tuning grids, K and t are those
+    of the first repeat (the run with ``seed``).
+    """
     settings = merge_settings(settings, overrides)
-    configure_threads()
+    threads = configure_threads()
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     ds = dataset if dataset is not None else load_dataset(data_dir)
@@ -89,37 +151,38 @@ def run_evaluation(data_dir=None, work_dir="how-met-work", settings: Optional[di
                              f"use a new --work directory")
     write_json(settings_path, settings)
     timings = Timings(work / "timings.json")
-    protocol, folds = protocol_folds(ds, cv, settings["seed"])
+    seeds = repeat_seeds(settings["seed"], repeats)
+    protocol, _ = protocol_folds(ds, cv, settings["seed"])
     methods = [m for m in settings["methods"] if m in METHODS]
 
     features = stage_extract(ds, work, settings, timings, device)
-    lists: Dict[str, List[Tuple[dict, np.ndarray, np.ndarray]]] = {}
+    global_list = None
     index_mb = {}
     if "global" in methods or "fusion" in methods or "global+rerank" in methods:
         global_neigh = stage_global(ds, work, features, settings, timings)
-        lists["global"] = [({}, *aligned(global_neigh, ds))]
+        global_list = (aligned(global_neigh, ds), global_neigh)
         index_mb["global"] = timings.get("global_index_mb")
-    if {"how-asmk", "fusion", "global+rerank"} & set(methods):
-        codebook = stage_codebook(ds, work, features, settings)
+    outcomes: List[Dict[str, dict]] = []  # per repeat: method -> tune_and_test outcome
+    for seed in seeds:
+        run = repeat_dir(work, settings["seed"], seed)
+        run_timings = timings if run == work else Timings(run / "timings.json")
+        lists = _method_candidates(ds, run, features, {**settings, "seed": seed}, run_timings,
+                                   methods, global_list)
+        _, folds = protocol_folds(ds, cv, seed)
+        outcomes.append({name: tune_and_test(lists[name], ds, folds) for name in methods})
     if "how-asmk" in methods or "fusion" in methods:
-        index = stage_index(ds, work, features, codebook, timings)
-        asmk_neigh = stage_asmk_query(ds, work, features, codebook, index, settings, timings)
-        lists["how-asmk"] = [({}, *aligned(asmk_neigh, ds))]
         index_mb["how-asmk"] = dir_megabytes(work / "index")
-    if "fusion" in methods:
-        a, b = lists["global"][0][1:], lists["how-asmk"][0][1:]
-        lists["fusion"] = [({"weight": float(w)}, *fusion.fuse_neighbours(a[0], a[1], b[0], b[1], w))
-                           for w in fusion.DEFAULT_WEIGHTS]
-    if "global+rerank" in methods:
-        scores = stage_rerank(ds, work, features, codebook, global_neigh, settings, timings)
-        lists["global+rerank"] = [(weights.as_dict(), *aligned(scores.fuse(weights), ds))
-                                  for weights in fusion.fusion_grid()]
 
+    if repeats > 1:
+        varied = "codebook seed" if protocol == "val -> test" else "codebook seed and fold split"
+        protocol += f"; mean \u00b1 std over {repeats} repeats ({varied}: seeds {seeds[0]}..{seeds[-1]})"
     results = {"dataset": {"name": ds.name, "image_root": str(Path(ds.image_root).resolve()),
                            "n_db": len(ds.db_keys), "n_queries": len(ds.query_keys),
                            "n_distractors": ds.n_distractors, "n_classes": ds.n_classes},
-               "settings": settings, "protocol": protocol, "methods": {}, "tuning": {},
-               "notes": {}}
+               "settings": settings, "protocol": protocol, "repeats": {"n": repeats, "seeds": seeds},
+               "environment": {"threads": {"extract": timings.get("extract_threads"), "other stages": threads},
+                               "versions": library_versions()},
+               "methods": {}, "tuning": {}, "notes": {}}
     if timings.get("global_whitening"):
         results["notes"]["global_whitening"] = timings.get("global_whitening")
     (work / "predictions").mkdir(exist_ok=True)
@@ -130,13 +193,18 @@ def run_evaluation(data_dir=None, work_dir="how-met-work", settings: Optional[di
     index_mb["fusion"] = (index_mb.get("global") or 0) + (index_mb.get("how-asmk") or 0) or None
     index_mb["global+rerank"] = index_mb.get("global")
     for name in methods:
-        outcome = tune_and_test(lists[name], ds, folds)
-        metrics = outcome["metrics"]
+        outcome = outcomes[0][name]
+        metrics = dict(outcome["metrics"])
+        per_repeat = [{"seed": seed, **{k: o[name]["metrics"][k] for k in ("K", "t", *REPEATED_METRICS)}}
+                      for seed, o in zip(seeds, outcomes)]
+        for key in REPEATED_METRICS:
+            metrics[key], metrics[f"{key}_std"] = mean_std([r[key] for r in per_repeat])
         results["methods"][name] = {**{k: (round(v, 2) if isinstance(v, float) else v) for k, v in metrics.items()},
                                     "extract_images_per_s": timings.get("extract_images_per_s"),
                                     "query_ms_per_image": query_ms.get(name),
                                     "index_mb": index_mb.get(name),
-                                    "per_fold": outcome["per_fold"]}
+                                    "per_fold": outcome["per_fold"],
+                                    "per_repeat": per_repeat}
         grid = outcome["grid"]
         if grid.ndim == 2:
             results["tuning"][name] = {"K": list(knn.DEFAULT_KS), "t": list(knn.DEFAULT_TS),
@@ -145,4 +213,3 @@ def run_evaluation(data_dir=None, work_dir="how-met-work", settings: Optional[di
     write_json(work / "results.json", results)
     (work / "results.md").write_text(format_table(results) + "\n")
     return results
-

@@ -139,7 +139,8 @@ table.matches tr:first-child td, table.matches tr:first-child th { border-top: n
 
 def _chosen_parameters(metrics: dict) -> str:
     """Tuned parameters beyond K and t (e.g. a fusion weight), as "name=value, ..."."""
-    known = {key for key, _, _ in METRIC_COLUMNS} | {"per_fold"}
+    known = ({key for key, _, _ in METRIC_COLUMNS} | {f"{key}_std" for key in HIGHER_IS_BETTER}
+             | {"per_fold", "per_repeat"})
     parts = []
     for key, value in metrics.items():
         if key in known or isinstance(value, (dict, list)):
@@ -165,7 +166,10 @@ def _metrics_table(methods: Dict[str, dict]) -> str:
         for key, _, fmt in METRIC_COLUMNS:
             value = metrics.get(key)
             cls = ' class="best"' if key in best and value == best[key] else ""
-            cells.append(f'<td data-key="{_esc(key)}"{cls}>{_esc(format_metric(value, fmt))}</td>')
+            text = format_metric(value, fmt)
+            if metrics.get(f"{key}_std") is not None:  # a repeated run: mean +- std
+                text += " \u00b1 " + format_metric(metrics[f"{key}_std"], fmt)
+            cells.append(f'<td data-key="{_esc(key)}"{cls}>{_esc(text)}</td>')
         if show_extras:
             cells.append(f'<td class="params">{_esc(extras[method] or "")}</td>')
         rows.append(f'<tr data-method="{_esc(method)}">{"".join(cells)}</tr>')

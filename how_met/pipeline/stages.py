@@ -14,7 +14,7 @@ from ..features.checkpoints import build_model, load_model, save_model
 from ..features.extract import extract_to_store
 from ..features.store import FeatureStore
 from ..neighbours import Neighbours
-from ..utils import atomic_path, write_json
+from ..utils import atomic_path, configured_threads, write_json
 
 
 class Timings:
@@ -52,6 +52,7 @@ def stage_extract(ds: Dataset, work: Path, settings: dict, timings: Timings, dev
         save_model(model, model_path)
     if stats["extracted"]:
         timings.set("extract_images_per_s", stats["images_per_s"])
+        timings.set("extract_threads", configured_threads())
     return features
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from how_met.datasets import load_met
-from how_met.pipeline.evaluate import run_evaluation
+from how_met.pipeline.evaluate import mean_std, run_evaluation
 from how_met.asmk.settings import auto_codebook_size
 from how_met.pipeline.settings import QUICK_SETTINGS
 from how_met.pipeline.stages import load_rerank_scores
@@ -29,6 +29,40 @@ def test_met_fixture_evaluates_val_to_test(tmp_path):
     predictions = json.loads((tmp_path / "work" / "predictions" / "how-asmk.json").read_text())
     assert len(predictions) == info["test_queries"]  # distractors included
     assert (tmp_path / "work" / "results.md").read_text().startswith("Dataset")
+
+
+def test_repeats_rerun_the_codebook_seed_on_the_same_features(tmp_path, monkeypatch):
+    write_met_fixture(tmp_path / "met", n_classes=4, n_db_only_classes=2)
+    ds = load_met(tmp_path / "met")
+    settings = {**FAST, "methods": ["global", "how-asmk"]}
+    single = run_evaluation(work_dir=tmp_path / "w", settings=settings, dataset=ds)
+    assert single["methods"]["how-asmk"]["GAP_std"] is None  # one run: no spread
+
+    from how_met.pipeline import stages
+    monkeypatch.setattr(stages, "extract_to_store", lambda *a, **k: {"extracted": 0})  # reused
+    results = run_evaluation(work_dir=tmp_path / "w", settings=settings, dataset=ds, repeats=3)
+    assert results["repeats"] == {"n": 3, "seeds": [0, 1, 2]}
+    assert "mean \u00b1 std over 3 repeats (codebook seed" in results["protocol"]
+    codebooks = [np.load(tmp_path / "w" / "codebook.npz")["centroids"]] + [
+        np.load(tmp_path / "w" / "repeats" / f"seed-{s}" / "codebook.npz")["centroids"] for s in (1, 2)]
+    assert not np.array_equal(codebooks[0], codebooks[1]) and not np.array_equal(codebooks[1], codebooks[2])
+    for name in settings["methods"]:
+        m, runs = results["methods"][name], results["methods"][name]["per_repeat"]
+        assert [r["seed"] for r in runs] == [0, 1, 2]
+        assert runs[0]["GAP"] == pytest.approx(single["methods"][name]["GAP"], abs=0.01)  # repeat 0 is the run
+        for key in ("GAP", "GAP-", "ACC"):
+            values = [r[key] for r in runs]
+            assert m[key] == pytest.approx(np.mean(values), abs=0.01)
+            assert m[f"{key}_std"] == pytest.approx(np.std(values, ddof=1), abs=0.01)
+    # val -> test: the split is fixed, so the global list (no codebook) cannot move
+    assert results["methods"]["global"]["GAP_std"] == 0
+    table = (tmp_path / "w" / "results.md").read_text()
+    assert f"| how-asmk | {results['methods']['how-asmk']['GAP']:.1f} \u00b1 " in table
+
+
+def test_mean_std():
+    assert mean_std([1.0, 2.0, 3.0, 6.0]) == pytest.approx((3.0, np.sqrt(14 / 3)))
+    assert mean_std([4.0]) == (4.0, None)
 
 
 def test_settings_change_needs_a_new_work_dir(tmp_path):

@@ -181,6 +181,21 @@ def test_report_content_is_escaped_and_complete(built_report):
     assert "Showing 3 of 10 queries" in limited.read_text()
 
 
+def test_report_shows_the_spread_of_a_repeated_run(tmp_path):
+    work = fabricate_work_dir(tmp_path, seed=1)
+    results = json.loads((work / "results.json").read_text())
+    results["methods"]["how-asmk"].update({"GAP": 51.25, "GAP_std": 2.5, "ACC_std": 0.0,
+                                           "per_repeat": [{"seed": 0, "GAP": 53.75}, {"seed": 1, "GAP": 48.75}]})
+    (work / "results.json").write_text(json.dumps(results))
+    page = write_report(work).read_text(encoding="utf-8")
+    row = page.split('data-method="how-asmk"')[1].split("</tr>")[0]
+    assert '<td data-key="GAP">51.2 \u00b1 2.5</td>' in row.replace(' class="best"', "")
+    assert "\u00b1 0.0</td>" in row  # ACC: a zero spread is shown, not dropped
+    assert "GAP_std" not in row and "per_repeat" not in row  # not listed as tuned parameters
+    other = page.split('data-method="global"')[1].split("</tr>")[0]
+    assert "\u00b1" not in other  # a method without repeats shows its value alone
+
+
 def test_report_cli_and_errors(tmp_path, capsys):
     work = fabricate_work_dir(tmp_path, n_classes=3, n_met_queries=3, n_distractors=1)
     assert cli.main(["report", str(work), "--out", str(tmp_path / "out")]) == 0

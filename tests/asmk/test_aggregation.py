@@ -110,3 +110,25 @@ def test_aggregate_non_binary_is_unit_length():
 def test_idf_weights():
     idf = sign_codes.idf_weights(np.array([0, 1, 5, 10]), 10)
     np.testing.assert_allclose(idf, [1.0, np.log(10) ** 2, np.log(2) ** 2, 0.0])
+
+
+def test_a_residual_sum_within_rounding_of_zero_is_zero():
+    # The word's centroid is the float32 mean of exactly these descriptors (a codebook trained
+    # on the database): the float sum of residuals is rounding noise, not a direction.
+    rng = np.random.default_rng(0)
+    desc = rng.normal(size=(7, 128)).astype(np.float32)
+    centroid = desc.mean(axis=0, dtype=np.float32)[None]
+    assert (np.sum(desc - centroid, axis=0) != 0).any()  # what plain float arithmetic gives
+    words = np.zeros(7, np.int64)
+    sums, _, _ = aggregation.residual_sums(desc, words, centroid)
+    assert (sums == 0).all()
+    codes = {aggregation.aggregate(desc[order], words, centroid).vectors.tobytes()
+             for order in (np.arange(7), np.arange(7)[::-1], rng.permutation(7))}
+    assert codes == {np.zeros((1, 2), np.uint64).tobytes()}  # zero -> bit 0, in any order
+    # a genuine residual sum keeps every sign, also small ones
+    signs = np.where(rng.random(128) < 0.5, -1.0, 1.0).astype(np.float32)
+    offset = centroid - 1e-3 * signs
+    sums, _, _ = aggregation.residual_sums(desc, words, offset)
+    np.testing.assert_array_equal(np.sign(sums[0]), signs)
+    single, _, _ = aggregation.residual_sums(desc[:1], words[:1], centroid)
+    np.testing.assert_array_equal(single[0], desc[0] - centroid[0])

@@ -1,18 +1,22 @@
 """Visual-word codebook: faiss k-means training and nearest-centroid assignment.
 
-Assignment is exact (faiss flat L2) for small codebooks and approximate for large ones, where a
-brute-force scan of 65,536 centroids costs ~8 MFLOP per descriptor. Two approximate searches
-over the centroids are available:
+Assignment searches: ``"exact"`` (faiss flat L2: one BLAS product per batch, on every thread
+``configure_threads`` gives faiss), and two approximate searches over the centroids, available
+by name for large codebooks where the exact scan dominates query time:
 
-- ``"ivf"`` (default for large codebooks): the centroids are grouped by a second, coarse
-  k-means into lists of ~16 (K / 16 lists) and each descriptor scans the ``nprobe`` (4) lists
-  with the nearest coarse centroids (faiss ``IndexIVFFlat`` over the centroids).
-- ``"hnsw"``: a faiss HNSW graph over the centroids (M 32, efSearch 32).
+- ``"ivf"``: the centroids grouped by a second, coarse k-means into lists of ~16 (K / 16 lists);
+  each descriptor scans the ``nprobe`` lists with the nearest coarse centroids;
+- ``"hnsw"``: a faiss HNSW graph over the centroids (M 32, ``ef_search``).
 
-On structured synthetic 128-D data (65,536 words, top-5, one core) the IVF search found 99.98%
-of the exact 5 nearest words at ~20 ms per 1000 descriptors; HNSW needed about four times as
-long for 99.85% (efSearch 32), the exact search about ten times as long. Hence the default. :func:`quantisation_recall` measures the recall of whichever is in
-use against the exact search; training records it in the codebook's metadata.
+``"auto"`` (the default) is exact: on real HOW descriptors (README "Fidelity: word
+assignment") neither approximate search kept both query recall@5 and database top-1
+agreement >= 0.99 at a speed worth its loss, while exact search is exact by construction.
+Every trained codebook records, in ``meta["assignment_recall"]``, the recall of its search
+measured on held-out real descriptors of the training store (``quantisation_recall``).
+
+Training: faiss k-means (10 iterations) on descriptors sampled with the same quota from every
+image; ``points_per_centroid`` caps the points faiss itself keeps (the official HOW codebook:
+256 per centroid, seed 1234).
 
 Files are ``.npz`` archives of plain arrays (read with ``allow_pickle=False``) holding the
 centroids, the coarse centroids of the IVF search when built, and the metadata as a JSON string;
@@ -33,9 +37,9 @@ from typing import Optional, Sequence
 import faiss
 import numpy as np
 
-from .settings import (APPROX_THRESHOLD, CODEBOOK_RECIPES, DEFAULT_EF_SEARCH, DEFAULT_HNSW_M,
-                       DEFAULT_MAX_DESCRIPTORS, DEFAULT_NPROBE, KMEANS_POINTS_PER_WORD, SEARCH_METHODS,
-                       auto_codebook_size, default_codebook_dir)
+from .settings import (APPROX_THRESHOLD, AUTO_METHOD, CODEBOOK_RECIPES, DEFAULT_EF_SEARCH, DEFAULT_HNSW_M,
+                       DEFAULT_MAX_DESCRIPTORS, DEFAULT_NPROBE, KMEANS_POINTS_PER_WORD, LEGACY_METHOD_NAMES,
+                       RECALL_SAMPLE, SEARCH_METHODS, auto_codebook_size, default_codebook_dir)
 from ..utils import atomic_path, progress, write_json
 
 logger = logging.getLogger(__name__)
@@ -59,18 +63,21 @@ class Codebook:
     """K visual words (centroids) with nearest-centroid assignment.
 
     Training settings: size, iterations (10), seed, max_descriptors (sampled uniformly across
-    images: the same quota from each image). Search settings: method ("auto" = exact below
-    ``approx_threshold`` words, "ivf" above), nlist/nprobe of the IVF search, hnsw_m/ef_search of
-    the HNSW search.
+    images: the same quota from each image), points_per_centroid (faiss's own subsampling cap;
+    None: every sampled descriptor). Search settings: method ("auto" = exact below
+    ``approx_threshold`` words, AUTO_METHOD from it; "exact"; "ivf"; "hnsw"), nlist/nprobe of the
+    IVF search, hnsw_m/ef_search of the HNSW search.
     """
 
     def __init__(self, size: Optional[int] = None, iterations: int = 10, seed: int = 0,
                  max_descriptors: int = DEFAULT_MAX_DESCRIPTORS, method: str = "auto",
                  approx_threshold: int = APPROX_THRESHOLD, nlist: Optional[int] = None,
                  nprobe: int = DEFAULT_NPROBE, hnsw_m: int = DEFAULT_HNSW_M,
-                 ef_search: int = DEFAULT_EF_SEARCH):
+                 ef_search: int = DEFAULT_EF_SEARCH, points_per_centroid: Optional[int] = None):
+        method = LEGACY_METHOD_NAMES.get(method, method)
         if method not in SEARCH_METHODS:
             raise ValueError(f"codebook search method must be one of {SEARCH_METHODS}, got {method!r}")
+        self.points_per_centroid = None if points_per_centroid is None else int(points_per_centroid)
         self.size = None if size is None else int(size)
         self.iterations = int(iterations)
         self.seed = int(seed)
@@ -102,12 +109,13 @@ class Codebook:
         return cb
 
     def train(self, source, keys: Optional[Sequence[str]] = None, show_progress: bool = True,
-              recall_sample: int = 2000) -> "Codebook":
+              recall_sample: int = RECALL_SAMPLE) -> "Codebook":
         """k-means on descriptors of a FeatureStore (or its path) or of an (n, d) array.
 
-        From a store, ``max_descriptors`` are drawn with an equal quota per image (of ``keys``,
-        default all). A held-out sample of ``recall_sample`` descriptors measures the recall of
-        the approximate assignment (stored in ``meta["assignment_recall"]``).
+        First ``recall_sample`` descriptors are set aside (from a store: the same number from
+        every image) and never trained on; the recall of this codebook's assignment search on
+        them is stored in ``meta["assignment_recall"]``. From the rest ``max_descriptors`` are
+        drawn, from a store with an equal quota per image (of ``keys``, default all).
         """
         if self.size is None or self.size < 1:
             raise ValueError("codebook size must be a positive integer")
@@ -115,15 +123,16 @@ class Codebook:
         extractor, training, model = {}, {}, None
         if isinstance(source, np.ndarray):
             data = np.ascontiguousarray(source, np.float32)
-            if len(data) > self.max_descriptors:
-                data = data[np.sort(rng.choice(len(data), self.max_descriptors, replace=False))]
+            order = rng.permutation(len(data))
+            held_out = data[np.sort(order[:recall_sample])] if len(data) > recall_sample else data[:0]
+            data = data[np.sort(order[len(held_out):][:self.max_descriptors])]
             training = {"source": "array", "descriptors": int(len(data))}
         else:
-            data, extractor, model, training = self._sample_store(source, keys, rng, show_progress)
+            data, held_out, extractor, model, training = self._sample_store(source, keys, rng, show_progress,
+                                                                            recall_sample)
         if data.ndim != 2 or len(data) < self.size:
             raise ValueError(f"k-means into {self.size} words needs at least {self.size} "
                              f"descriptors, got {len(data)}")
-        held_out = data[rng.choice(len(data), min(recall_sample, len(data)), replace=False)]
         d = data.shape[1]
         started = time.perf_counter()
         if len(data) < KMEANS_POINTS_PER_WORD * self.size:
@@ -131,13 +140,14 @@ class Codebook:
             logger.warning("codebook: %d training descriptors for %d words (fewer than %d per word): the words "
                            "will be noisy; use fewer words (--size %d) or more images", len(data), self.size,
                            KMEANS_POINTS_PER_WORD, max(1, 2 ** int(math.log2(max(len(data) // KMEANS_POINTS_PER_WORD, 1)))))
+        cap = self.points_per_centroid or len(data) // self.size + 1
         kmeans = faiss.Kmeans(d, self.size, niter=self.iterations, seed=self.seed, verbose=False,
-                              min_points_per_centroid=1,
-                              max_points_per_centroid=max(256, len(data) // self.size + 1))
+                              min_points_per_centroid=1, max_points_per_centroid=cap)
         kmeans.train(data)
         self.centroids = np.ascontiguousarray(kmeans.centroids, np.float32)
         self._exact = self._approx = None
         self.coarse_centroids = None
+        training["points_per_centroid"] = self.points_per_centroid
         self.meta = {
             "size": int(self.size), "dim": int(d), "iterations": self.iterations, "seed": self.seed,
             "kmeans_objective": float(kmeans.obj[-1]) if len(kmeans.obj) else None,
@@ -145,11 +155,12 @@ class Codebook:
             "extractor": extractor, "model_fingerprint": model, "training_set": training, "created": _now(),
             "faiss_version": faiss.__version__,
         }
-        if self.method != "flat":
-            self.meta["assignment_recall"] = self.measure_recall(held_out, k=5)
+        if len(held_out):
+            self.meta["assignment_recall"] = {**self.measure_recall(held_out, k=5),
+                                              "held_out": "descriptors of the training store not trained on"}
         return self
 
-    def _sample_store(self, source, keys, rng, show_progress):
+    def _sample_store(self, source, keys, rng, show_progress, recall_sample):
         from ..features.store import FeatureStore
         store = source if isinstance(source, FeatureStore) else FeatureStore(source, "r")
         try:
@@ -157,18 +168,24 @@ class Codebook:
             if not keys:
                 raise ValueError(f"{store.path}: no images to train a codebook on")
             quota = -(-self.max_descriptors // len(keys))
-            parts, images = [], 0
+            held_quota = -(-recall_sample // len(keys))
+            parts, held, images = [], [], 0
             for key in progress(keys, desc="codebook sample", unit="img", disable=None if show_progress else True):
                 desc = store.descriptors(key)
-                if len(desc) > quota:
-                    desc = desc[np.sort(rng.choice(len(desc), quota, replace=False))]
+                order = rng.permutation(len(desc))
+                # a held-out share only from images that keep descriptors to train on
+                n_held = min(held_quota, len(desc) // 2)
+                held.append(desc[np.sort(order[:n_held])])
+                desc = desc[np.sort(order[n_held:][:quota])]
                 if len(desc):
                     parts.append(desc)
                     images += 1
             data = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+            held_out = np.concatenate(held) if held else np.zeros((0, 0), np.float32)
             training = {"source": str(store.path), "images": images, "per_image_quota": int(quota),
-                        "descriptors": int(len(data))}
-            return np.ascontiguousarray(data, np.float32), store.config, store.model_fingerprint, training
+                        "descriptors": int(len(data)), "held_out": int(len(held_out))}
+            return (np.ascontiguousarray(data, np.float32), np.ascontiguousarray(held_out, np.float32),
+                    store.config, store.model_fingerprint, training)
         finally:
             if store is not source:
                 store.close()
@@ -194,14 +211,14 @@ class Codebook:
 
     @property
     def method(self) -> str:
-        """The search actually used: flat, ivf or hnsw."""
+        """The search actually used: exact, ivf or hnsw."""
         if self.requested_method != "auto":
             return self.requested_method
-        return "flat" if len(self._require()) < self.approx_threshold else "ivf"
+        return "exact" if len(self._require()) < self.approx_threshold else AUTO_METHOD
 
     @property
     def approximate(self) -> bool:
-        return self.method != "flat"
+        return self.method != "exact"
 
     def _nlist(self) -> int:
         if self.nlist:
@@ -267,7 +284,7 @@ class Codebook:
         k = int(k)
         if not 1 <= k <= len(centroids):
             raise ValueError(f"k={k} must be in [1, {len(centroids)}]")
-        use_exact = (self.method == "flat") if exact is None else exact
+        use_exact = (self.method == "exact") if exact is None else exact
         index = self._exact_index() if use_exact else self._approx_index()
         if len(desc) == 0:
             ids, dist = np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
@@ -277,7 +294,7 @@ class Codebook:
         return (ids, dist) if return_distances else ids
 
     def measure_recall(self, descriptors: np.ndarray, k: int = 5) -> dict:
-        """Recall of the approximate assignment against the exact one (see quantisation_recall)."""
+        """Recall of this codebook's assignment against the exact one (see quantisation_recall)."""
         return quantisation_recall(self, descriptors, k)
 
     # -- files -----------------------------------------------------------------------------------
@@ -306,6 +323,7 @@ class Codebook:
 
     def search_settings(self) -> dict:
         return {"method": self.requested_method, "approx_threshold": self.approx_threshold,
+                "auto_method": AUTO_METHOD,
                 "nlist": self.nlist, "nprobe": self.nprobe, "hnsw_m": self.hnsw_m,
                 "ef_search": self.ef_search}
 
@@ -340,6 +358,7 @@ class Codebook:
         cb = cls.from_centroids(centroids, meta=meta, **settings)
         cb.iterations = int(meta.get("iterations", cb.iterations))
         cb.seed = int(meta.get("seed", cb.seed))
+        cb.points_per_centroid = (meta.get("training_set") or {}).get("points_per_centroid")
         if coarse is not None and coarse.ndim == 2 and coarse.shape[1] == centroids.shape[1]:
             cb.coarse_centroids = coarse
         cb.path = path
@@ -352,26 +371,30 @@ class Codebook:
 
 
 def quantisation_recall(codebook: Codebook, descriptors: np.ndarray, k: int = 5) -> dict:
-    """How well the codebook's approximate assignment matches the exact one on ``descriptors``.
+    """How well the codebook's assignment search matches the exact one on ``descriptors``.
 
-    recall: mean fraction of the exact k nearest words found among the approximate k;
-    top1: fraction of descriptors whose nearest word is the exact nearest word.
-    Also the seconds per 1000 descriptors of each search.
+    recall: mean fraction of the exact k nearest words found among the searched k (what query
+    multiple assignment sees); top1: fraction of descriptors whose nearest word is the exact
+    nearest word (what database assignment sees). Both are 1 for the exact search. Also the
+    milliseconds per 1000 descriptors of the exact and of the used search (k nearest).
     """
     desc = np.ascontiguousarray(descriptors, np.float32)
     k = min(int(k), len(codebook._require()))
+    n = max(len(desc), 1)
     t0 = time.perf_counter()
     exact = codebook.assign(desc, k, exact=True)
-    t1 = time.perf_counter()
-    approx = codebook.assign(desc, k, exact=False)
-    t2 = time.perf_counter()
-    n = max(len(desc), 1)
-    hits = sum(len(np.intersect1d(a, e)) for a, e in zip(approx, exact))
-    return {"method": codebook.method, "k": k, "descriptors": int(len(desc)),
+    exact_ms = 1000 * (time.perf_counter() - t0) * 1000 / n
+    searched, searched_ms = exact, exact_ms
+    if codebook.approximate:
+        t0 = time.perf_counter()
+        searched = codebook.assign(desc, k, exact=False)
+        searched_ms = 1000 * (time.perf_counter() - t0) * 1000 / n
+    hits = sum(len(np.intersect1d(a, e)) for a, e in zip(searched, exact))
+    return {"method": codebook.method, "settings": codebook.search_settings(), "k": k,
+            "descriptors": int(len(desc)),
             "recall": float(hits / (n * k)) if len(desc) else None,
-            "top1": float(np.mean(approx[:, 0] == exact[:, 0])) if len(desc) else None,
-            "exact_ms_per_1000": round(1000 * (t1 - t0) * 1000 / n, 2),
-            "approx_ms_per_1000": round(1000 * (t2 - t1) * 1000 / n, 2)}
+            "top1": float(np.mean(searched[:, 0] == exact[:, 0])) if len(desc) else None,
+            "exact_ms_per_1000": round(exact_ms, 2), "search_ms_per_1000": round(searched_ms, 2)}
 
 
 def codebook_size_for(store, keys: Optional[Sequence[str]] = None) -> int:
@@ -391,7 +414,7 @@ def codebook_size_for(store, keys: Optional[Sequence[str]] = None) -> int:
 def train_codebook(features, size: Optional[int] = None, recipe: Optional[str] = None,
                    iterations: Optional[int] = None, seed: Optional[int] = None,
                    max_descriptors: Optional[int] = None, max_images: Optional[int] = None,
-                   method: str = "auto", out=None):
+                   method: str = "auto", out=None, points_per_centroid: Optional[int] = None):
     """Train a codebook on a feature store and save it. ``recipe`` (a CODEBOOK_RECIPES name)
     supplies every setting not given explicitly and the file name; without a size either, the
     codebook is sized like ``how-met evaluate`` sizes it (``codebook_size_for``). ``out`` defaults
@@ -402,7 +425,8 @@ def train_codebook(features, size: Optional[int] = None, recipe: Optional[str] =
     size = size or settings.get("size")
     training = {"iterations": iterations or settings.get("iterations", 10),
                 "seed": seed if seed is not None else settings.get("seed", 0),
-                "max_descriptors": max_descriptors or settings.get("max_descriptors", DEFAULT_MAX_DESCRIPTORS)}
+                "max_descriptors": max_descriptors or settings.get("max_descriptors", DEFAULT_MAX_DESCRIPTORS),
+                "points_per_centroid": points_per_centroid or settings.get("points_per_centroid")}
     features = Path(features)
     with FeatureStore(features, "r") as store:
         keys = store.keys()

@@ -9,14 +9,25 @@ import math
 from pathlib import Path
 from typing import Dict
 
-SEARCH_METHODS = ("auto", "flat", "ivf", "hnsw")
-APPROX_THRESHOLD = 8192          # codebooks at least this large use an approximate search
-DEFAULT_NPROBE = 4
+# Word assignment: "exact" (faiss flat L2, batched BLAS on all configured threads) or an
+# approximate search over the centroids ("ivf", "hnsw"); "auto" picks AUTO_METHOD from
+# APPROX_THRESHOLD words (exact below). Defaults measured on real HOW descriptors (README
+# "Fidelity: word assignment"): they must keep recall@5 and database top-1 agreement >= 0.99.
+SEARCH_METHODS = ("auto", "exact", "ivf", "hnsw")
+LEGACY_METHOD_NAMES = {"flat": "exact"}   # round-1 name of the exact search, still read from files
+AUTO_METHOD = "exact"
+APPROX_THRESHOLD = 8192          # from this many words "auto" uses AUTO_METHOD
+DEFAULT_NPROBE = 64
 DEFAULT_HNSW_M = 32
-DEFAULT_EF_SEARCH = 32
+DEFAULT_EF_SEARCH = 256
 DEFAULT_MAX_DESCRIPTORS = 2_000_000
 # faiss k-means wants this many training points per centroid; fewer give noisy words
 KMEANS_POINTS_PER_WORD = 39
+RECALL_SAMPLE = 2000             # held-out descriptors the recorded assignment recall is measured on
+# faiss k-means' own cap on training points per centroid; None: train on every sampled descriptor.
+# The official HOW/ASMK codebook uses faiss's default, 256, and faiss's default seed, 1234.
+OFFICIAL_POINTS_PER_CENTROID = 256
+OFFICIAL_SEED = 1234
 
 DEFAULT_K = 100                       # database images returned per query
 DEFAULT_MULTIPLE_ASSIGNMENT = 5       # visual words per query descriptor
@@ -46,10 +57,12 @@ CODEBOOK_RECIPES: Dict[str, dict] = {
         "extractor": "how-r18",
         "size": 65536,
         "iterations": 10,
-        "seed": 0,
+        "seed": OFFICIAL_SEED,
+        "points_per_centroid": OFFICIAL_POINTS_PER_CENTROID,
         "max_descriptors": 20_000_000,
-        "images": "20,000 Met database images drawn at random (seed 0), features at scale [1]",
-        "description": "the published HOW + ASMK setting (official how_r18.pth checkpoint)",
+        "images": "20,000 training images other than the database (the official codebook used "
+                  "SfM120k), features at scale [1]",
+        "description": "the published HOW + ASMK codebook settings (official how_r18.pth checkpoint)",
     },
 }
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from how_met.asmk.codebook import Codebook, quantisation_recall
-from how_met.asmk.settings import CODEBOOK_RECIPES
+from how_met.asmk.settings import AUTO_METHOD, CODEBOOK_RECIPES
 from how_met.features.store import FeatureStore, LocalFeatures
 
 CONFIG = {"model": {"backbone": "synthetic"}, "dim": 16, "stride": 16}
@@ -34,7 +34,7 @@ def test_train_on_array_finds_the_clusters_and_is_seeded():
     a = Codebook(size=24, seed=1).train(data)
     b = Codebook(size=24, seed=1).train(data)
     np.testing.assert_array_equal(a.centroids, b.centroids)
-    assert a.centroids.shape == (24, 16) and a.method == "flat" and a.meta["iterations"] == 10
+    assert a.centroids.shape == (24, 16) and a.method == "exact" and a.meta["iterations"] == 10
     # every true centre has a centroid next to it (3 words per cluster leave k-means no excuse)
     dist = ((centres[:, None] - a.centroids[None]) ** 2).sum(-1).min(1)
     assert dist.max() < 0.1
@@ -63,9 +63,26 @@ def test_approximate_assignment_recall_is_measured(method):
     report = quantisation_recall(cb, clustered(rng, 500, centres, noise=0.3), k=5)
     assert report["method"] == method and report["descriptors"] == 500
     assert report["recall"] > 0.9 and report["top1"] > 0.9
-    # auto: flat below the threshold, ivf from it
-    assert Codebook.from_centroids(centroids, approx_threshold=4096).method == "flat"
-    assert Codebook.from_centroids(centroids, approx_threshold=1024).method == "ivf"
+    # auto: exact below the threshold, AUTO_METHOD from it; exact by name; round 1's "flat"
+    assert Codebook.from_centroids(centroids, approx_threshold=4096).method == "exact"
+    assert Codebook.from_centroids(centroids, approx_threshold=1024).method == AUTO_METHOD
+    assert Codebook.from_centroids(centroids, method="exact", approx_threshold=1024).method == "exact"
+    assert Codebook.from_centroids(centroids, method="flat").method == "exact"
+    exact = quantisation_recall(Codebook.from_centroids(centroids, method="exact"), centroids[:50], k=5)
+    assert (exact["method"], exact["recall"], exact["top1"]) == ("exact", 1.0, 1.0)
+
+
+def test_recall_is_recorded_on_held_out_descriptors_of_the_store(tmp_path):
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(16, 16)).astype(np.float32) * 2
+    store = write_store(tmp_path / "f.h5", [clustered(rng, 300, centres) for _ in range(10)])
+    cb = Codebook(size=32, method="hnsw", ef_search=16).train(store, recall_sample=200)
+    training, recall = cb.meta["training_set"], cb.meta["assignment_recall"]
+    # 20 set aside per image, never trained on
+    assert training["held_out"] == 200 and training["descriptors"] == 3000 - 200
+    assert recall["descriptors"] == 200 and recall["method"] == "hnsw" and recall["k"] == 5
+    assert 0.5 < recall["recall"] <= 1.0 and 0.5 < recall["top1"] <= 1.0
+    assert Codebook(size=32, points_per_centroid=40).train(store).meta["training_set"]["points_per_centroid"] == 40
 
 
 def test_train_from_store_samples_every_image_and_records_metadata(tmp_path):

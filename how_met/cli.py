@@ -73,6 +73,10 @@ def _add_extractor_options(p: argparse.ArgumentParser, config_default=feature_se
     p.add_argument("--scales", type=_floats, help="comma-separated scales, e.g. 1,0.707,0.5")
     p.add_argument("--features-num", type=int, help="local features kept per image")
     p.add_argument("--image-size", type=int, help="shrink images so the longer side is <= this")
+    p.add_argument("--resize-rule", choices=feature_settings.RESIZE_RULES,
+                   help="per-scale input size: floor(side * scale) (official HOW) or round")
+    p.add_argument("--image-loading", choices=feature_settings.IMAGE_LOADING,
+                   help="how-met (EXIF, bilinear) or official (no EXIF, LANCZOS thumbnail)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
 
 
@@ -86,7 +90,7 @@ def _extraction_config(args, base: Optional[dict] = None) -> dict:
     """``--config`` (else ``base``, else the default) with the command line's overrides applied."""
     import copy
     config = feature_settings.resolve_config(args.config) if args.config or base is None else copy.deepcopy(base)
-    for name in ("scales", "features_num", "image_size"):
+    for name in feature_settings.OVERRIDABLE:
         if getattr(args, name, None) is not None:
             config[name] = getattr(args, name)
     if getattr(args, "backbone", None):
@@ -198,9 +202,12 @@ def _configure_codebook(p: argparse.ArgumentParser) -> None:
                    help=f"training descriptors, same quota per image (default: the recipe's, else "
                         f"{asmk_settings.DEFAULT_MAX_DESCRIPTORS:,})")
     p.add_argument("--max-images", type=int, help="train on at most this many images (random)")
+    p.add_argument("--points-per-centroid", type=int,
+                   help=f"faiss k-means' cap on training points per word (official HOW: "
+                        f"{asmk_settings.OFFICIAL_POINTS_PER_CENTROID}; default: the recipe's, else none)")
     p.add_argument("--method", choices=asmk_settings.SEARCH_METHODS, default="auto",
-                   help=f"assignment search: exact flat, or approximate ivf/hnsw (auto: ivf from "
-                        f"{asmk_settings.APPROX_THRESHOLD} words)")
+                   help=f"assignment search: exact, or approximate ivf/hnsw (auto: "
+                        f"{asmk_settings.AUTO_METHOD})")
 
 
 def _run_codebook(args) -> int:
@@ -208,7 +215,8 @@ def _run_codebook(args) -> int:
     configure_threads()
     cb, out = train_codebook(args.features, size=args.size, recipe=args.recipe, iterations=args.iterations,
                              seed=args.seed, max_descriptors=args.max_descriptors,
-                             max_images=args.max_images, method=args.method, out=args.out)
+                             max_images=args.max_images, method=args.method, out=args.out,
+                             points_per_centroid=args.points_per_centroid)
     summary = {"codebook": str(out), "size": cb.meta["size"], "dim": cb.meta["dim"],
                "training_set": cb.meta["training_set"], "method": cb.method,
                "assignment_recall": cb.meta.get("assignment_recall")}
@@ -267,7 +275,7 @@ def _configure_query(p: argparse.ArgumentParser) -> None:
 def _run_query(args) -> int:
     from .pipeline.query import run_query
     configure_threads()
-    explicit = [name for name in ("scales", "features_num", "image_size") if getattr(args, name) is not None]
+    explicit = [name for name in feature_settings.OVERRIDABLE if getattr(args, name) is not None]
     config = _extraction_config(args) if args.images is not None else None
     result = run_query(args.index, args.codebook, args.out, features=args.features, images=args.images,
                        checkpoint=args.checkpoint, config=config, explicit=explicit,
@@ -291,6 +299,8 @@ def _configure_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cv", type=int, help="k-fold cross-tuning (default 2 when there is no val/test split)")
     p.add_argument("--quick", action="store_true", help="small, fast settings (smoke tests)")
     _add_extractor_options(p, config_default=None)
+    p.add_argument("--codebook",
+                   help="codebook file trained separately (how-met codebook); default: train on the database")
     p.add_argument("--codebook-size", type=int, help="visual words (default: ~200 descriptors per word)")
     p.add_argument("--global-dims", type=int, help="PCA-whitened global descriptor dims")
     p.add_argument("--methods", help=f"comma-separated subset of {','.join(pipeline_settings.METHODS)}")
@@ -305,8 +315,10 @@ def _configure_evaluate(p: argparse.ArgumentParser) -> None:
 def _evaluation_settings(args) -> dict:
     import copy
     settings = copy.deepcopy(pipeline_settings.QUICK_SETTINGS if args.quick else pipeline_settings.DEFAULT_SETTINGS)
+    if args.config in pipeline_settings.PUBLISHED:  # the published pipeline, not only its extraction
+        settings.update(copy.deepcopy(pipeline_settings.PUBLISHED[args.config]))
     settings["extract"] = _extraction_config(args, base=settings["extract"])
-    for name in ("checkpoint", "codebook_size", "global_dims"):
+    for name in ("checkpoint", "codebook", "codebook_size", "global_dims"):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
     if args.methods:

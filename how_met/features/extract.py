@@ -34,8 +34,8 @@ REUSE_RAW_MAX_IMAGES = 1500  # keep un-reduced features of at most this many ima
 
 
 class _ImageDataset(torch.utils.data.Dataset):
-    def __init__(self, image_root: Path, keys: Sequence[str], image_size: int):
-        self.image_root, self.keys, self.image_size = image_root, list(keys), image_size
+    def __init__(self, image_root: Path, keys: Sequence[str], image_size: int, loading: str):
+        self.image_root, self.keys, self.image_size, self.loading = image_root, list(keys), image_size, loading
 
     def __len__(self):
         return len(self.keys)
@@ -43,7 +43,7 @@ class _ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         key = self.keys[i]
         try:
-            arr, original = load_image(self.image_root / key, self.image_size)
+            arr, original = load_image(self.image_root / key, self.image_size, self.loading)
         except ImageError as exc:
             return key, None, None, str(exc)
         return key, torch.from_numpy(arr.copy()).permute(2, 0, 1), original, None
@@ -65,8 +65,8 @@ def _batches(items, batch_size: int):
         yield current
 
 
-def _iter_decoded(image_root: Path, keys: Sequence[str], image_size: int, workers: int):
-    dataset = _ImageDataset(image_root, keys, image_size)
+def _iter_decoded(image_root: Path, keys: Sequence[str], config: dict, workers: int):
+    dataset = _ImageDataset(image_root, keys, config["image_size"], config.get("image_loading", "how-met"))
     if workers <= 0:
         for i in range(len(dataset)):
             yield dataset[i]
@@ -94,7 +94,7 @@ def _extract_batches(model: HOWNet, image_root: Path, keys: Sequence[str], confi
                      features_num: Optional[int] = None, desc: str = "extract",
                      autocast: bool = False):
     """Yield (key, LocalFeatures) for every readable image; bad ones raise or are logged."""
-    decoded = (item for item in _iter_decoded(image_root, keys, config["image_size"], workers)
+    decoded = (item for item in _iter_decoded(image_root, keys, config, workers)
                if _check_decoded(item, skip_bad))
     bar = progress(total=len(keys), desc=desc, unit="img")
     try:
@@ -104,7 +104,8 @@ def _extract_batches(model: HOWNet, image_root: Path, keys: Sequence[str], confi
                    else torch.autocast(model.device.type, enabled=False))
             with ctx:
                 outs = model.extract(images, config["scales"], features_num or config["features_num"],
-                                     gem=config.get("gem", True), reduce=reduce)
+                                     gem=config.get("gem", True), reduce=reduce,
+                                     resize_rule=config.get("resize_rule", "floor"))
             for (key, tensor, original, _), out in zip(batch, outs):
                 input_size = (int(tensor.shape[2]), int(tensor.shape[1]))
                 yield key, _to_local_features(out, original, input_size, config.get("gem", True))

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbones import BACKBONES, build_trunk, trunk_layer_name
+from .settings import RESIZE_RULES
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -141,17 +142,26 @@ class HOWNet(nn.Module):
         return model
 
     # -- extraction ----------------------------------------------------------------------------
-    def _scaled(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+    @staticmethod
+    def _scaled(x: torch.Tensor, scale: float, resize_rule: str = "floor") -> torch.Tensor:
+        """``x`` resized by ``scale`` (bilinear, align_corners=False). The output side is
+        floor(side * scale) ("floor", what the official extraction gets from
+        ``interpolate(scale_factor=s, recompute_scale_factor=True)``, computed the same way in
+        double precision) or round(side * scale) ("round", how-met round 1); sampling follows
+        the output size in both cases."""
         if scale == 1.0:
             return x
-        h, w = x.shape[-2:]
-        size = (max(1, int(round(h * scale))), max(1, int(round(w * scale))))
+        if resize_rule not in RESIZE_RULES:
+            raise ValueError(f"resize rule must be one of {RESIZE_RULES}, got {resize_rule!r}")
+        to_int = math.floor if resize_rule == "floor" else round
+        size = tuple(max(1, int(to_int(float(side) * scale))) for side in x.shape[-2:])
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
     @torch.inference_mode()
     def extract(self, images_uint8: torch.Tensor, scales: Sequence[float] = (1.0, 0.707, 0.5),
                 features_num: int = 1000, gem: bool = True, reduce: bool = True,
-                gem_scales: Sequence[float] = GEM_SCALES, gem_p: float = 3.0) -> List[LocalOutput]:
+                gem_scales: Sequence[float] = GEM_SCALES, gem_p: float = 3.0,
+                resize_rule: str = "floor") -> List[LocalOutput]:
         """Multi-scale HOW extraction for a batch of same-size images (B, 3, H, W) uint8.
 
         ``reduce=False`` returns the smoothed trunk features (C dims) instead of whitened
@@ -166,7 +176,7 @@ class HOWNet(nn.Module):
         per_scale = []  # (scale, attention (B,h,w), feats (B,D,h,w))
         gem_sum = None
         for scale in all_scales:
-            xs = self._scaled(x, scale)
+            xs = self._scaled(x, scale, resize_rule)
             want_gem = gem and scale in gem_scales
             if want_gem:
                 local, glob = self.trunk.forward_pair(xs)

@@ -13,6 +13,16 @@ from typing import Dict
 
 logger = logging.getLogger(__name__)
 
+# How a scale's input size is computed (see HOWNet._scaled) and how images are decoded (see
+# images.load_image). "floor" is the official HOW rule (output floor(h * s)); on the shared sets
+# it is as good as round 1's "round" (README "Fidelity"), so it is the default everywhere.
+RESIZE_RULES = ("floor", "round")
+IMAGE_LOADING = ("how-met", "official")
+# What stores written before these settings existed were made with.
+LEGACY_EXTRACTION = {"resize_rule": "round", "image_loading": "how-met"}
+# Extraction settings the command line can override one by one.
+OVERRIDABLE = ("scales", "features_num", "image_size", "resize_rule", "image_loading")
+
 # Named extraction configs (the "model" part builds the network; the rest drives extraction).
 # Defaults measured on ../shared/data/museum (see README "Choosing the defaults"): the
 # stride-16 expansion of block 11, 3 scales and images <= 500 px.
@@ -23,6 +33,8 @@ CONFIGS: Dict[str, dict] = {
         "features_num": 1000,
         "image_size": 500,
         "gem": True,
+        "resize_rule": "floor",
+        "image_loading": "how-met",
     },
     "lite0-7scales": {
         "model": {"backbone": "efficientnet-lite0", "layer": None, "dim": 128},
@@ -30,14 +42,30 @@ CONFIGS: Dict[str, dict] = {
         "features_num": 1000,
         "image_size": 500,
         "gem": True,
+        "resize_rule": "floor",
+        "image_loading": "how-met",
     },
-    # The published HOW setting (needs an official checkpoint: --checkpoint how_r18.pth).
+    # The published HOW settings, reproduced exactly (needs an official checkpoint:
+    # --checkpoint how_r18.pth / how_r50-.pth): 7 scales, images <= 1024 px, the official
+    # resize rule and image loading. The rest of the published pipeline (codebook, global
+    # baseline) is pipeline.settings.PUBLISHED.
     "how-r18": {
         "model": {"backbone": "resnet18", "layer": None, "dim": 128},
         "scales": [2.0, 1.414, 1.0, 0.707, 0.5, 0.353, 0.25],
         "features_num": 1000,
         "image_size": 1024,
         "gem": True,
+        "resize_rule": "floor",
+        "image_loading": "official",
+    },
+    "how-r50": {
+        "model": {"backbone": "resnet50", "layer": None, "dim": 128},
+        "scales": [2.0, 1.414, 1.0, 0.707, 0.5, 0.353, 0.25],
+        "features_num": 1000,
+        "image_size": 1024,
+        "gem": True,
+        "resize_rule": "floor",
+        "image_loading": "official",
     },
 }
 DEFAULT_CONFIG = "lite0"
@@ -71,6 +99,8 @@ def store_config(model, config: dict) -> dict:
         "image_size": int(config["image_size"]),
         "dim": int(model.config.dim),
         "gem": bool(config.get("gem", True)),
+        "resize_rule": config.get("resize_rule", "floor"),
+        "image_loading": config.get("image_loading", "how-met"),
     }
 
 

@@ -9,6 +9,7 @@ from typing import List, Optional, Tuple
 
 from ..asmk.query import query_store
 from ..asmk.settings import DEFAULT_K, DEFAULT_MULTIPLE_ASSIGNMENT
+from ..features.settings import LEGACY_EXTRACTION, OVERRIDABLE
 from ..neighbours import Neighbours
 
 
@@ -62,9 +63,10 @@ def query_config(index_extractor: dict, config: dict, explicit=()) -> dict:
     """Extraction settings for query images: those the database was extracted with (recorded
     in the index), except the ones in ``explicit`` (given on purpose)."""
     config = dict(config)
-    for name in ("scales", "features_num", "image_size", "gem"):
-        if name in (index_extractor or {}) and name not in explicit:
-            config[name] = index_extractor[name]
+    recorded = {**LEGACY_EXTRACTION, **index_extractor} if index_extractor else {}
+    for name in OVERRIDABLE + ("gem",):
+        if name in recorded and name not in explicit:
+            config[name] = recorded[name]
     return config
 
 

@@ -7,6 +7,7 @@ import torchvision
 from how_met.features.backbones import build_trunk
 from how_met.features.checkpoints import load_model, save_model
 from how_met.features.network import HOWNet, ModelConfig
+from reference_port import write_official_checkpoint
 
 
 def _cat_batch(size=224):
@@ -47,30 +48,8 @@ def test_efficientnet_layers():
 
 
 def _official_checkpoint(tmp_path, layout, arch="resnet18", skip_layer=0, dim=16):
-    torch.manual_seed(0)
-    net = getattr(torchvision.models, arch)(weights=None)
-    children = list(net.children())[:-2]
-    # Random BN statistics so a misplaced tensor changes the output.
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-    features = torch.nn.Sequential(*children)
-    channels = 512 if arch == "resnet18" else (1024 if skip_layer else 2048)
-    state = {f"features.{k}": v for k, v in features.state_dict().items()}
-    weight, bias = torch.randn(dim, channels, 1, 1), torch.randn(dim)
-    if layout == "old":
-        ckpt = {"meta": {"architecture": arch, "skip_layer": skip_layer, "dim": dim,
-                         "feat_pool_k": 3, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
-                "state_dict": {**state, "whiten.weight": weight, "whiten.bias": bias}}
-    else:
-        ckpt = {"net_params": {"architecture": arch, "skip_layer": skip_layer, "dim": dim},
-                "state_dict": {**state, "dim_reduction.weight": weight, "dim_reduction.bias": bias},
-                "_version": "how/2020"}
     path = tmp_path / f"how_{layout}.pth"
-    torch.save(ckpt, path)
-    trunk = torch.nn.Sequential(*(children[:-skip_layer] if skip_layer else children)).eval()
-    return path, trunk, weight, bias
+    return (path, *write_official_checkpoint(path, layout, arch, skip_layer, dim))
 
 
 @pytest.mark.parametrize("layout", ["old", "new"])

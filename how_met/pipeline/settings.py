@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from typing import Optional
 
+from ..asmk.settings import OFFICIAL_POINTS_PER_CENTROID, OFFICIAL_SEED
 from ..features.settings import CONFIGS, DEFAULT_CONFIG
 
 METHODS = ("global", "how-asmk", "fusion", "global+rerank")
@@ -13,8 +14,11 @@ METHODS = ("global", "how-asmk", "fusion", "global+rerank")
 DEFAULT_SETTINGS = {
     "extract": copy.deepcopy(CONFIGS[DEFAULT_CONFIG]),
     "checkpoint": None,
+    "codebook": None,                 # a codebook file trained separately; None: train on the database
     "codebook_size": None,            # None: ~200 database descriptors per word, in [1024, 65536]
     "codebook_iterations": 10,
+    "codebook_seed": None,            # None: "seed"
+    "codebook_points_per_centroid": None,  # faiss k-means' cap; None: every sampled descriptor
     "multiple_assignment": 5,
     "neighbours": 100,                # database images kept per query (>= the largest K)
     "global_dims": 128,
@@ -28,6 +32,19 @@ QUICK_SETTINGS = {
     **copy.deepcopy(DEFAULT_SETTINGS),
     "extract": {**copy.deepcopy(CONFIGS[DEFAULT_CONFIG]), "features_num": 400, "image_size": 320,
                 "scales": [1.0, 0.707]},
+}
+
+
+# The published configurations (Tolias et al. ECCV 2020 + the Met paper), reproduced exactly
+# with ``--config how-r18`` / ``how-r50``: the extraction config of that name (official resize
+# rule and image loading), the official codebook settings (65,536 words, 10 iterations, faiss's
+# cap of 256 points per centroid and seed 1234; the official codebook was trained on separate
+# images: give it with ``codebook``) and the Met evaluation's 512-D global baseline.
+PUBLISHED = {
+    name: {"extract": copy.deepcopy(CONFIGS[name]), "codebook_size": 65536, "codebook_iterations": 10,
+           "codebook_seed": OFFICIAL_SEED, "codebook_points_per_centroid": OFFICIAL_POINTS_PER_CENTROID,
+           "global_dims": 512}
+    for name in ("how-r18", "how-r50")
 }
 
 

@@ -57,12 +57,18 @@ def stage_extract(ds: Dataset, work: Path, settings: dict, timings: Timings, dev
 
 
 def stage_codebook(ds: Dataset, work: Path, features: Path, settings: dict):
+    """The codebook file given in the settings (trained separately, as the published one was),
+    else one trained on the database descriptors and kept in the work directory."""
     from ..asmk.codebook import Codebook, codebook_size_for
+    if settings.get("codebook"):  # build_index checks that it fits the features
+        return Codebook.load(settings["codebook"])
     path = work / "codebook.npz"
     if path.exists():
         return Codebook.load(path)
     size = settings.get("codebook_size") or codebook_size_for(features, ds.db_keys)
-    codebook = Codebook(size=size, iterations=settings["codebook_iterations"], seed=settings["seed"])
+    seed = settings["seed"] if settings.get("codebook_seed") is None else settings["codebook_seed"]
+    codebook = Codebook(size=size, iterations=settings["codebook_iterations"], seed=seed,
+                        points_per_centroid=settings.get("codebook_points_per_centroid"))
     codebook.train(features, keys=ds.db_keys)
     codebook.save(path)
     return codebook

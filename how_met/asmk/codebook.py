@@ -32,7 +32,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import faiss
 import numpy as np
@@ -44,6 +44,7 @@ from ..utils import atomic_path, progress, write_json
 
 logger = logging.getLogger(__name__)
 
+HELD_OUT_SHARE = 20  # at most 1 in 20 training descriptors is held out to measure recall on
 FORMAT = "how-met-codebook"
 FORMAT_VERSION = 1
 
@@ -112,8 +113,8 @@ class Codebook:
               recall_sample: int = RECALL_SAMPLE) -> "Codebook":
         """k-means on descriptors of a FeatureStore (or its path) or of an (n, d) array.
 
-        First ``recall_sample`` descriptors are set aside (from a store: the same number from
-        every image) and never trained on; the recall of this codebook's assignment search on
+        First ``recall_sample`` descriptors (at most 1 in HELD_OUT_SHARE) are set aside (from a
+        store: the same number from every image) and never trained on; the recall of this codebook's assignment search on
         them is stored in ``meta["assignment_recall"]``. From the rest ``max_descriptors`` are
         drawn, from a store with an equal quota per image (of ``keys``, default all).
         """
@@ -124,7 +125,7 @@ class Codebook:
         if isinstance(source, np.ndarray):
             data = np.ascontiguousarray(source, np.float32)
             order = rng.permutation(len(data))
-            held_out = data[np.sort(order[:recall_sample])] if len(data) > recall_sample else data[:0]
+            held_out = data[np.sort(order[:min(recall_sample, len(data) // HELD_OUT_SHARE)])]
             data = data[np.sort(order[len(held_out):][:self.max_descriptors])]
             training = {"source": "array", "descriptors": int(len(data))}
         else:
@@ -173,8 +174,7 @@ class Codebook:
             for key in progress(keys, desc="codebook sample", unit="img", disable=None if show_progress else True):
                 desc = store.descriptors(key)
                 order = rng.permutation(len(desc))
-                # a held-out share only from images that keep descriptors to train on
-                n_held = min(held_quota, len(desc) // 2)
+                n_held = min(held_quota, len(desc) // HELD_OUT_SHARE)
                 held.append(desc[np.sort(order[:n_held])])
                 desc = desc[np.sort(order[n_held:][:quota])]
                 if len(desc):
@@ -389,11 +389,9 @@ def quantisation_recall(codebook: Codebook, descriptors: np.ndarray, k: int = 5)
         t0 = time.perf_counter()
         searched = codebook.assign(desc, k, exact=False)
         searched_ms = 1000 * (time.perf_counter() - t0) * 1000 / n
-    hits = sum(len(np.intersect1d(a, e)) for a, e in zip(searched, exact))
+    recall, top1 = assignment_agreement(searched, exact) if len(desc) else (None, None)
     return {"method": codebook.method, "settings": codebook.search_settings(), "k": k,
-            "descriptors": int(len(desc)),
-            "recall": float(hits / (n * k)) if len(desc) else None,
-            "top1": float(np.mean(searched[:, 0] == exact[:, 0])) if len(desc) else None,
+            "descriptors": int(len(desc)), "recall": recall, "top1": top1,
             "exact_ms_per_1000": round(exact_ms, 2), "search_ms_per_1000": round(searched_ms, 2)}
 
 
@@ -409,6 +407,14 @@ def codebook_size_for(store, keys: Optional[Sequence[str]] = None) -> int:
         if owned:
             store.close()
     return auto_codebook_size(per_image * n_images)
+
+
+def assignment_agreement(searched: np.ndarray, exact: np.ndarray) -> Tuple[float, float]:
+    """(recall, top1) of (n, k) searched word ids against the exact (n, k): the mean fraction of
+    the exact k found among the searched k, and the fraction with the exact nearest word first."""
+    searched, exact = np.asarray(searched), np.asarray(exact)
+    hits = (searched[:, :, None] == exact[:, None, :]).any(axis=2).sum()
+    return float(hits / exact.size), float(np.mean(searched[:, 0] == exact[:, 0]))
 
 
 def train_codebook(features, size: Optional[int] = None, recipe: Optional[str] = None,

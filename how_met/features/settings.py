@@ -104,8 +104,14 @@ def store_config(model, config: dict) -> dict:
     }
 
 
+def with_legacy_defaults(config: dict) -> dict:
+    """A recorded extractor config with the settings it predates filled in (LEGACY_EXTRACTION)."""
+    return {**LEGACY_EXTRACTION, **config} if config else config
+
+
 def check_extractor(features_config: dict, expected: dict, features_name, expected_name) -> None:
     """Refuse features of another network/dimension than ``expected`` (warn on other settings)."""
+    features_config, expected = with_legacy_defaults(features_config), with_legacy_defaults(expected)
     if not features_config or not expected or features_config == expected:
         return
     for field in ("model", "dim"):

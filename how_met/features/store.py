@@ -28,6 +28,8 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 import h5py
 import numpy as np
 
+from .settings import with_legacy_defaults
+
 PARTIAL = "__partial__"
 FORMAT_VERSION = 1
 
@@ -119,7 +121,7 @@ class FeatureStore:
     def set_config(self, config: dict) -> None:
         """Record the extractor config; refuses to mix features of different extractors."""
         current = self.config
-        if current and current != config:
+        if current and with_legacy_defaults(current) != with_legacy_defaults(config):
             raise FeatureStoreError(
                 f"{self.path}: holds features of another extractor config "
                 f"({json.dumps(current, sort_keys=True)}); use a new file")

@@ -9,7 +9,7 @@ from typing import List, Optional, Tuple
 
 from ..asmk.query import query_store
 from ..asmk.settings import DEFAULT_K, DEFAULT_MULTIPLE_ASSIGNMENT
-from ..features.settings import LEGACY_EXTRACTION, OVERRIDABLE
+from ..features.settings import OVERRIDABLE, with_legacy_defaults
 from ..neighbours import Neighbours
 
 
@@ -63,7 +63,7 @@ def query_config(index_extractor: dict, config: dict, explicit=()) -> dict:
     """Extraction settings for query images: those the database was extracted with (recorded
     in the index), except the ones in ``explicit`` (given on purpose)."""
     config = dict(config)
-    recorded = {**LEGACY_EXTRACTION, **index_extractor} if index_extractor else {}
+    recorded = with_legacy_defaults(index_extractor or {})
     for name in OVERRIDABLE + ("gem",):
         if name in recorded and name not in explicit:
             config[name] = recorded[name]

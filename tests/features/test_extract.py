@@ -139,6 +139,22 @@ def test_mixing_configs_is_refused(tmp_path, extracted, museum_dir, museum_keys,
                          config=other, model=whitened_model, workers=0)
 
 
+def test_a_store_from_before_the_resize_rule_reads_as_round(tmp_path, extracted):
+    import json
+    import shutil
+    legacy = tmp_path / "legacy.h5"
+    shutil.copy(extracted, legacy)
+    with h5py.File(legacy, "a") as h5:  # what round 1 recorded: no resize rule, no image loading
+        recorded = json.loads(h5.attrs["extractor"])
+        for name in ("resize_rule", "image_loading"):
+            del recorded[name]
+        h5.attrs["extractor"] = json.dumps(recorded)
+    with FeatureStore(legacy, "a") as store:
+        store.set_config({**recorded, "resize_rule": "round", "image_loading": "how-met"})
+        with pytest.raises(RuntimeError, match="another extractor config"):
+            store.set_config({**recorded, "resize_rule": "floor", "image_loading": "how-met"})
+
+
 def _mutual_nn(a, b):
     a = a / np.linalg.norm(a, axis=1, keepdims=True)
     b = b / np.linalg.norm(b, axis=1, keepdims=True)

@@ -45,29 +45,15 @@ CONFIGS: Dict[str, dict] = {
         "resize_rule": "floor",
         "image_loading": "how-met",
     },
-    # The published HOW settings, reproduced exactly (needs an official checkpoint:
-    # --checkpoint how_r18.pth / how_r50-.pth): 7 scales, images <= 1024 px, the official
-    # resize rule and image loading. The rest of the published pipeline (codebook, global
-    # baseline) is pipeline.settings.PUBLISHED.
-    "how-r18": {
-        "model": {"backbone": "resnet18", "layer": None, "dim": 128},
-        "scales": [2.0, 1.414, 1.0, 0.707, 0.5, 0.353, 0.25],
-        "features_num": 1000,
-        "image_size": 1024,
-        "gem": True,
-        "resize_rule": "floor",
-        "image_loading": "official",
-    },
-    "how-r50": {
-        "model": {"backbone": "resnet50", "layer": None, "dim": 128},
-        "scales": [2.0, 1.414, 1.0, 0.707, 0.5, 0.353, 0.25],
-        "features_num": 1000,
-        "image_size": 1024,
-        "gem": True,
-        "resize_rule": "floor",
-        "image_loading": "official",
-    },
 }
+# The published HOW settings, reproduced exactly (need an official checkpoint: --checkpoint
+# how_r18.pth / how_r50-.pth): 7 scales, images <= 1024 px, the official resize rule and image
+# loading. The rest of the published pipeline (codebook, global baseline) is
+# pipeline.settings.PUBLISHED.
+for _name, _backbone in (("how-r18", "resnet18"), ("how-r50", "resnet50")):
+    CONFIGS[_name] = {**CONFIGS["lite0-7scales"], "model": {"backbone": _backbone, "layer": None, "dim": 128},
+                      "image_size": 1024, "image_loading": "official"}
+
 DEFAULT_CONFIG = "lite0"
 WHITEN_IMAGES = 1000       # images PCA-whitening is learned from when a model has none
 WHITEN_FEATURES = 1000     # features per image for it (SPEC: up to 1000)

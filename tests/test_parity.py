@@ -45,7 +45,7 @@ def test_scale_resize_is_the_official_floor_rule(side, scale):
     x = torch.rand(1, 3, side, side + 37)
     official = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False,
                              recompute_scale_factor=True)
-    ours = HOWNet._scaled(x, scale)
+    ours = HOWNet._scaled(x, scale, "floor")
     assert ours.shape == official.shape and torch.equal(ours, official)
     assert ours.shape[-2] == math.floor(side * scale)
     rounded = HOWNet._scaled(x, scale, "round")

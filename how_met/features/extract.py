@@ -16,7 +16,7 @@ import torch
 
 from .backbones import BACKBONES
 from .checkpoints import build_model, load_model, save_model
-from .settings import WHITEN_FEATURES, WHITEN_IMAGES, check_model, resolve_config, store_config
+from .settings import DEFAULT_RESIZE_RULE, WHITEN_FEATURES, WHITEN_IMAGES, check_model, resolve_config, store_config
 from .images import ImageError, load_image
 from .network import HOWNet, model_fingerprint
 from .store import FeatureStore, LocalFeatures
@@ -105,7 +105,7 @@ def _extract_batches(model: HOWNet, image_root: Path, keys: Sequence[str], confi
             with ctx:
                 outs = model.extract(images, config["scales"], features_num or config["features_num"],
                                      gem=config.get("gem", True), reduce=reduce,
-                                     resize_rule=config.get("resize_rule", "floor"))
+                                     resize_rule=config.get("resize_rule", DEFAULT_RESIZE_RULE))
             for (key, tensor, original, _), out in zip(batch, outs):
                 input_size = (int(tensor.shape[2]), int(tensor.shape[1]))
                 yield key, _to_local_features(out, original, input_size, config.get("gem", True))

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbones import BACKBONES, build_trunk, trunk_layer_name
-from .settings import RESIZE_RULES
+from .settings import DEFAULT_RESIZE_RULE, RESIZE_RULES
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -143,7 +143,7 @@ class HOWNet(nn.Module):
 
     # -- extraction ----------------------------------------------------------------------------
     @staticmethod
-    def _scaled(x: torch.Tensor, scale: float, resize_rule: str = "floor") -> torch.Tensor:
+    def _scaled(x: torch.Tensor, scale: float, resize_rule: str = DEFAULT_RESIZE_RULE) -> torch.Tensor:
         """``x`` resized by ``scale`` (bilinear, align_corners=False). The output side is
         floor(side * scale) ("floor", what the official extraction gets from
         ``interpolate(scale_factor=s, recompute_scale_factor=True)``, computed the same way in
@@ -161,7 +161,7 @@ class HOWNet(nn.Module):
     def extract(self, images_uint8: torch.Tensor, scales: Sequence[float] = (1.0, 0.707, 0.5),
                 features_num: int = 1000, gem: bool = True, reduce: bool = True,
                 gem_scales: Sequence[float] = GEM_SCALES, gem_p: float = 3.0,
-                resize_rule: str = "floor") -> List[LocalOutput]:
+                resize_rule: str = DEFAULT_RESIZE_RULE) -> List[LocalOutput]:
         """Multi-scale HOW extraction for a batch of same-size images (B, 3, H, W) uint8.
 
         ``reduce=False`` returns the smoothed trunk features (C dims) instead of whitened

@@ -14,9 +14,11 @@ from typing import Dict
 logger = logging.getLogger(__name__)
 
 # How a scale's input size is computed (see HOWNet._scaled) and how images are decoded (see
-# images.load_image). "floor" is the official HOW rule (output floor(h * s)); on the shared sets
-# it is as good as round 1's "round" (README "Fidelity"), so it is the default everywhere.
+# images.load_image). "floor" is the official HOW rule (output floor(h * s)), used by the
+# published configs; how-met's own configs keep round 1's "round": on the shared sets "floor" was
+# not free (README "Fidelity: resize rule").
 RESIZE_RULES = ("floor", "round")
+DEFAULT_RESIZE_RULE = "round"
 IMAGE_LOADING = ("how-met", "official")
 # What stores written before these settings existed were made with.
 LEGACY_EXTRACTION = {"resize_rule": "round", "image_loading": "how-met"}
@@ -33,7 +35,7 @@ CONFIGS: Dict[str, dict] = {
         "features_num": 1000,
         "image_size": 500,
         "gem": True,
-        "resize_rule": "floor",
+        "resize_rule": DEFAULT_RESIZE_RULE,
         "image_loading": "how-met",
     },
     "lite0-7scales": {
@@ -42,7 +44,7 @@ CONFIGS: Dict[str, dict] = {
         "features_num": 1000,
         "image_size": 500,
         "gem": True,
-        "resize_rule": "floor",
+        "resize_rule": DEFAULT_RESIZE_RULE,
         "image_loading": "how-met",
     },
 }
@@ -52,7 +54,7 @@ CONFIGS: Dict[str, dict] = {
 # pipeline.settings.PUBLISHED.
 for _name, _backbone in (("how-r18", "resnet18"), ("how-r50", "resnet50")):
     CONFIGS[_name] = {**CONFIGS["lite0-7scales"], "model": {"backbone": _backbone, "layer": None, "dim": 128},
-                      "image_size": 1024, "image_loading": "official"}
+                      "image_size": 1024, "resize_rule": "floor", "image_loading": "official"}
 
 DEFAULT_CONFIG = "lite0"
 WHITEN_IMAGES = 1000       # images PCA-whitening is learned from when a model has none
@@ -85,7 +87,7 @@ def store_config(model, config: dict) -> dict:
         "image_size": int(config["image_size"]),
         "dim": int(model.config.dim),
         "gem": bool(config.get("gem", True)),
-        "resize_rule": config.get("resize_rule", "floor"),
+        "resize_rule": config.get("resize_rule", DEFAULT_RESIZE_RULE),
         "image_loading": config.get("image_loading", "how-met"),
     }
 

@@ -206,8 +206,7 @@ def _configure_codebook(p: argparse.ArgumentParser) -> None:
                    help=f"faiss k-means' cap on training points per word (official HOW: "
                         f"{asmk_settings.OFFICIAL_POINTS_PER_CENTROID}; default: the recipe's, else none)")
     p.add_argument("--method", choices=asmk_settings.SEARCH_METHODS, default="auto",
-                   help=f"assignment search: exact, or approximate ivf/hnsw (auto: "
-                        f"{asmk_settings.AUTO_METHOD})")
+                   help="assignment search: exact (auto), or approximate ivf/hnsw (README \"Fidelity\")")
 
 
 def _run_codebook(args) -> int:

@@ -8,9 +8,10 @@ by name for large codebooks where the exact scan dominates query time:
   each descriptor scans the ``nprobe`` lists with the nearest coarse centroids;
 - ``"hnsw"``: a faiss HNSW graph over the centroids (M 32, ``ef_search``).
 
-``"auto"`` (the default) is exact: on real HOW descriptors (README "Fidelity: word
-assignment") neither approximate search kept both query recall@5 and database top-1
-agreement >= 0.99 at a speed worth its loss, while exact search is exact by construction.
+``"auto"`` (the default) is exact at every size: on real HOW descriptors (README "Fidelity:
+word assignment") the approximate searches kept query recall@5 and database top-1 agreement
+>= 0.99 only at settings about as slow as exact search (IVF with 4 probes, round 1's default
+for 8k words and more, kept 65-69% of the exact top 5).
 Every trained codebook records, in ``meta["assignment_recall"]``, the recall of its search
 measured on held-out real descriptors of the training store (``quantisation_recall``).
 
@@ -37,7 +38,7 @@ from typing import Optional, Sequence, Tuple
 import faiss
 import numpy as np
 
-from .settings import (APPROX_THRESHOLD, AUTO_METHOD, CODEBOOK_RECIPES, DEFAULT_EF_SEARCH, DEFAULT_HNSW_M,
+from .settings import (CODEBOOK_RECIPES, DEFAULT_EF_SEARCH, DEFAULT_HNSW_M,
                        DEFAULT_MAX_DESCRIPTORS, DEFAULT_NPROBE, KMEANS_POINTS_PER_WORD, LEGACY_METHOD_NAMES,
                        RECALL_SAMPLE, SEARCH_METHODS, auto_codebook_size, default_codebook_dir)
 from ..utils import atomic_path, progress, write_json
@@ -65,14 +66,13 @@ class Codebook:
 
     Training settings: size, iterations (10), seed, max_descriptors (sampled uniformly across
     images: the same quota from each image), points_per_centroid (faiss's own subsampling cap;
-    None: every sampled descriptor). Search settings: method ("auto" = exact below
-    ``approx_threshold`` words, AUTO_METHOD from it; "exact"; "ivf"; "hnsw"), nlist/nprobe of the
-    IVF search, hnsw_m/ef_search of the HNSW search.
+    None: every sampled descriptor). Search settings: method ("auto" = "exact"; "ivf"; "hnsw"),
+    nlist/nprobe of the IVF search, hnsw_m/ef_search of the HNSW search.
     """
 
     def __init__(self, size: Optional[int] = None, iterations: int = 10, seed: int = 0,
                  max_descriptors: int = DEFAULT_MAX_DESCRIPTORS, method: str = "auto",
-                 approx_threshold: int = APPROX_THRESHOLD, nlist: Optional[int] = None,
+                 nlist: Optional[int] = None,
                  nprobe: int = DEFAULT_NPROBE, hnsw_m: int = DEFAULT_HNSW_M,
                  ef_search: int = DEFAULT_EF_SEARCH, points_per_centroid: Optional[int] = None):
         method = LEGACY_METHOD_NAMES.get(method, method)
@@ -84,7 +84,6 @@ class Codebook:
         self.seed = int(seed)
         self.max_descriptors = int(max_descriptors)
         self.requested_method = method
-        self.approx_threshold = int(approx_threshold)
         self.nlist = nlist
         self.nprobe = int(nprobe)
         self.hnsw_m = int(hnsw_m)
@@ -211,10 +210,8 @@ class Codebook:
 
     @property
     def method(self) -> str:
-        """The search actually used: exact, ivf or hnsw."""
-        if self.requested_method != "auto":
-            return self.requested_method
-        return "exact" if len(self._require()) < self.approx_threshold else AUTO_METHOD
+        """The search actually used: exact, ivf or hnsw ("auto" is exact)."""
+        return "exact" if self.requested_method == "auto" else self.requested_method
 
     @property
     def approximate(self) -> bool:
@@ -322,8 +319,7 @@ class Codebook:
         return path
 
     def search_settings(self) -> dict:
-        return {"method": self.requested_method, "approx_threshold": self.approx_threshold,
-                "auto_method": AUTO_METHOD,
+        return {"method": self.requested_method,
                 "nlist": self.nlist, "nprobe": self.nprobe, "hnsw_m": self.hnsw_m,
                 "ef_search": self.ef_search}
 
@@ -353,7 +349,7 @@ class Codebook:
         if centroid_fingerprint(centroids) != meta.get("fingerprint"):
             raise ValueError(f"{path}: centroids do not match their recorded fingerprint (damaged file)")
         settings = {k: v for k, v in (meta.get("search") or {}).items()
-                    if k in ("method", "approx_threshold", "nlist", "nprobe", "hnsw_m", "ef_search")}
+                    if k in ("method", "nlist", "nprobe", "hnsw_m", "ef_search")}
         settings.update(search)
         cb = cls.from_centroids(centroids, meta=meta, **settings)
         cb.iterations = int(meta.get("iterations", cb.iterations))

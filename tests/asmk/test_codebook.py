@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from how_met.asmk.codebook import Codebook, quantisation_recall
-from how_met.asmk.settings import AUTO_METHOD, CODEBOOK_RECIPES
+from how_met.asmk.settings import CODEBOOK_RECIPES
 from how_met.features.store import FeatureStore, LocalFeatures
 
 CONFIG = {"model": {"backbone": "synthetic"}, "dim": 16, "stride": 16}
@@ -63,10 +63,9 @@ def test_approximate_assignment_recall_is_measured(method):
     report = quantisation_recall(cb, clustered(rng, 500, centres, noise=0.3), k=5)
     assert report["method"] == method and report["descriptors"] == 500
     assert report["recall"] > 0.9 and report["top1"] > 0.9
-    # auto: exact below the threshold, AUTO_METHOD from it; exact by name; round 1's "flat"
-    assert Codebook.from_centroids(centroids, approx_threshold=4096).method == "exact"
-    assert Codebook.from_centroids(centroids, approx_threshold=1024).method == AUTO_METHOD
-    assert Codebook.from_centroids(centroids, method="exact", approx_threshold=1024).method == "exact"
+    # auto is exact at every size; exact by name; round 1's "flat"
+    assert Codebook.from_centroids(centroids).method == "exact" and not Codebook.from_centroids(centroids).approximate
+    assert Codebook.from_centroids(centroids, method="exact").method == "exact"
     assert Codebook.from_centroids(centroids, method="flat").method == "exact"
     exact = quantisation_recall(Codebook.from_centroids(centroids, method="exact"), centroids[:50], k=5)
     assert (exact["method"], exact["recall"], exact["top1"]) == ("exact", 1.0, 1.0)

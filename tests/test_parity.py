@@ -161,3 +161,18 @@ def test_the_full_k_by_t_grid_is_searched():
     (ref_K, _), ref_best = reference_tune_t_at_k1([[1, 2, 3], [4, 5, 6]], [[0.8, 0.79, 0.78], [0.7, 0.1, 0.1]],
                                                   labels, 10, DEFAULT_TS)
     assert ref_K == 1 and ref_best == pytest.approx(0.25)
+
+
+def test_config_how_r18_is_the_published_pipeline():
+    from how_met.cli import _evaluation_settings, build_parser
+    args = build_parser().parse_args(["evaluate", "--met", "met", "--work", "w", "--config", "how-r18",
+                                      "--checkpoint", "how_r18.pth", "--codebook", "cb.npz"])
+    settings = _evaluation_settings(args)
+    extract = settings["extract"]
+    assert (extract["model"]["backbone"], extract["scales"], extract["image_size"], extract["features_num"]) == \
+        ("resnet18", [2.0, 1.414, 1.0, 0.707, 0.5, 0.353, 0.25], 1024, 1000)
+    assert (extract["resize_rule"], extract["image_loading"]) == ("floor", "official")
+    assert (settings["codebook"], settings["codebook_size"], settings["codebook_points_per_centroid"],
+            settings["seed"], settings["global_dims"]) == ("cb.npz", 65536, 256, 1234, 512)
+    plain = _evaluation_settings(build_parser().parse_args(["evaluate", "--met", "met", "--work", "w"]))
+    assert plain["extract"]["resize_rule"] == "round" and plain["global_dims"] == 128 and plain["codebook"] is None

@@ -144,7 +144,7 @@ def run_evaluation(data_dir=None, work_dir="how-met-work", settings: Optional[di
     if settings_path.exists():
         previous = json.loads(settings_path.read_text())
         stage_keys = ("extract", "checkpoint", "codebook", "codebook_size", "codebook_iterations",
-                      "codebook_seed", "codebook_points_per_centroid", "multiple_assignment",
+                      "codebook_points_per_centroid", "multiple_assignment",
                       "neighbours", "global_dims", "seed")
         changed = [k for k in stage_keys if previous.get(k) != settings.get(k)]
         if changed:

@@ -17,7 +17,6 @@ DEFAULT_SETTINGS = {
     "codebook": None,                 # a codebook file trained separately; None: train on the database
     "codebook_size": None,            # None: ~200 database descriptors per word, in [1024, 65536]
     "codebook_iterations": 10,
-    "codebook_seed": None,            # None: "seed"
     "codebook_points_per_centroid": None,  # faiss k-means' cap; None: every sampled descriptor
     "multiple_assignment": 5,
     "neighbours": 100,                # database images kept per query (>= the largest K)
@@ -38,11 +37,12 @@ QUICK_SETTINGS = {
 # The published configurations (Tolias et al. ECCV 2020 + the Met paper), reproduced exactly
 # with ``--config how-r18`` / ``how-r50``: the extraction config of that name (official resize
 # rule and image loading), the official codebook settings (65,536 words, 10 iterations, faiss's
-# cap of 256 points per centroid and seed 1234; the official codebook was trained on separate
-# images: give it with ``codebook``) and the Met evaluation's 512-D global baseline.
+# cap of 256 points per centroid and seed 1234 -- the run's seed, so --repeats continues from
+# it; the official codebook was trained on separate images: give it with ``codebook``) and the
+# Met evaluation's 512-D global baseline.
 PUBLISHED = {
     name: {"extract": copy.deepcopy(CONFIGS[name]), "codebook_size": 65536, "codebook_iterations": 10,
-           "codebook_seed": OFFICIAL_SEED, "codebook_points_per_centroid": OFFICIAL_POINTS_PER_CENTROID,
+           "seed": OFFICIAL_SEED, "codebook_points_per_centroid": OFFICIAL_POINTS_PER_CENTROID,
            "global_dims": 512}
     for name in ("how-r18", "how-r50")
 }

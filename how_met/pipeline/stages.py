@@ -66,8 +66,7 @@ def stage_codebook(ds: Dataset, work: Path, features: Path, settings: dict):
     if path.exists():
         return Codebook.load(path)
     size = settings.get("codebook_size") or codebook_size_for(features, ds.db_keys)
-    seed = settings["seed"] if settings.get("codebook_seed") is None else settings["codebook_seed"]
-    codebook = Codebook(size=size, iterations=settings["codebook_iterations"], seed=seed,
+    codebook = Codebook(size=size, iterations=settings["codebook_iterations"], seed=settings["seed"],
                         points_per_centroid=settings.get("codebook_points_per_centroid"))
     codebook.train(features, keys=ds.db_keys)
     codebook.save(path)

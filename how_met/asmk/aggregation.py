@@ -13,13 +13,15 @@ import numpy as np
 from .codes import binarize, code_words
 
 CHUNK_PAIRS = 4096  # (descriptor, word) pairs aggregated per pass
-# A component of a residual sum within float rounding of zero is zero: |sum| <= ZERO_RESIDUAL *
-# sum of the descriptors' |components| (2^-16, ~128 float32 ulps). Such sums arise when a word's
-# descriptors in an image are all the descriptors k-means averaged into it (a codebook trained
-# on the database: the centroid is their mean), and their sign would otherwise be rounding noise.
-# Zero gives bit 0, as ``sum > 0`` does in the reference, so the code no longer depends on the
-# order of float operations. (A single descriptor's residual is one rounded subtraction: its
-# sign is exact and it is left alone.)
+# A residual sum within float rounding of zero is zero: every component |sum_j| <= n *
+# ZERO_RESIDUAL * sum_i |x_ij| over the segment's n descriptors (2^-16: ~128 float32 ulps per
+# descriptor, far above the rounding of a k-means mean and of the sum, far below any genuine
+# sum -- all 128 components of a genuine one are never that small). Such sums arise when a
+# word's descriptors in an image are all the descriptors k-means averaged into it (a codebook
+# trained on the database: the centroid is their mean), and their signs would be rounding
+# noise. Zero gives bit 0, as ``sum > 0`` does in the reference, so codes no longer depend on
+# the order of float operations. (A single descriptor's residual is one rounded subtraction:
+# its sign is exact and it is left alone.)
 ZERO_RESIDUAL = 2.0 ** -16
 
 
@@ -50,8 +52,8 @@ def _as_word_matrix(word_ids: np.ndarray, n: int) -> np.ndarray:
 
 def residual_sums(descriptors: np.ndarray, word_ids: np.ndarray, centroids: np.ndarray,
                   image_ids: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sum of residuals (descriptor - centroid) per (image, visual word); components within
-    float rounding of zero are exactly zero (see ZERO_RESIDUAL).
+    """Sum of residuals (descriptor - centroid) per (image, visual word); a sum within float
+    rounding of zero is exactly zero (see ZERO_RESIDUAL).
 
     descriptors: (n, d); word_ids: (n,) or (n, k) with k assignments per descriptor (multiple
     assignment: a descriptor contributes to each of its k words once; -1 entries are ignored);
@@ -154,7 +156,8 @@ def _residual_sums(desc, words, centroids, images):
         sub_starts = np.concatenate(([0], np.cumsum(sub_lengths)[:-1]))
         sub_sums = np.add.reduceat(residuals[members], sub_starts, axis=0)
         magnitudes = np.add.reduceat(np.abs(desc[rows[members]]), sub_starts, axis=0)
-        sub_sums[np.abs(sub_sums) <= ZERO_RESIDUAL * magnitudes] = 0.0
+        tolerance = (ZERO_RESIDUAL * sub_lengths)[:, None] * magnitudes
+        sub_sums[(np.abs(sub_sums) <= tolerance).all(axis=1)] = 0.0
         sums[several] = sub_sums
     return sums, flat[starts], images[rows[starts]]
 

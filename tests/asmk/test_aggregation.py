@@ -130,5 +130,9 @@ def test_a_residual_sum_within_rounding_of_zero_is_zero():
     offset = centroid - 1e-3 * signs
     sums, _, _ = aggregation.residual_sums(desc, words, offset)
     np.testing.assert_array_equal(np.sign(sums[0]), signs)
+    # one component within rounding of zero in a genuine sum is left as it is
+    offset[0, 0] = centroid[0, 0]
+    sums, _, _ = aggregation.residual_sums(desc, words, offset)
+    assert sums[0, 0] == np.sum(desc[:, 0] - offset[0, 0]) and (np.sign(sums[0, 1:]) == signs[1:]).all()
     single, _, _ = aggregation.residual_sums(desc[:1], words[:1], centroid)
     np.testing.assert_array_equal(single[0], desc[0] - centroid[0])

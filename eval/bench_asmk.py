@@ -120,13 +120,14 @@ def to_reference_codes(codes: np.ndarray) -> np.ndarray:
 def reference_index(ivf: InvertedFile):
     """asmk's IVF holding exactly the postings of ``ivf`` (image ids = how-met positions)."""
     from asmk import inverted_file
-    ivf.consolidate()
-    counts = np.diff(ivf._offsets)
-    vecs = np.split(to_reference_codes(ivf._vectors), ivf._offsets[1:-1])
-    ids = np.split(ivf._image_ids.astype(np.int64), ivf._offsets[1:-1])
+    arrays = ivf.arrays()
+    offsets = arrays["offsets"]
+    counts = np.diff(offsets)
+    vecs = np.split(to_reference_codes(arrays["vectors"]), offsets[1:-1])
+    ids = np.split(arrays["image_ids"].astype(np.int64), offsets[1:-1])
     vecs = [v if len(v) else None for v in vecs]
     ids = [i if len(i) else None for i in ids]
-    norm = ivf._n_vectors.astype(np.float64)
+    norm = arrays["n_vectors"].astype(np.float64)
     return inverted_file.IVF(norm, ivf.n_slots, vecs, ids, counts.astype(np.int32),
                              np.ones(ivf.n_words, np.float32), 0, use_idf=False)
 
@@ -195,7 +196,7 @@ def run(args) -> None:
                 target_desc[int(t)] = desc[(t - built) * args.descriptors:(t - built + 1) * args.descriptors].copy()
             t0 = time.perf_counter()
             agg = aggregate(desc, words, data.centroids, image)
-            ivf.add_aggregated([f"db/{i:06d}" for i in range(built, stop)], agg)
+            ivf.add([f"db/{i:06d}" for i in range(built, stop)], agg)
             build_seconds += time.perf_counter() - t0
             built = stop
             del desc, words, image, agg
@@ -339,8 +340,7 @@ def measure_reference_build(data, ref_cb, kern, args) -> float:
 def check_conversion(ivf: InvertedFile) -> None:
     """The converted codes must be what asmk itself packs from the same signs."""
     from asmk import hamming
-    ivf.consolidate()
-    codes = ivf._vectors[:1000]
+    codes = ivf.arrays()["vectors"][:1000]
     bits = unpack_signs(codes, DIM).astype(np.float32) * 2 - 1
     if not np.array_equal(hamming.binarize_and_pack_2D(bits), to_reference_codes(codes)):
         raise RuntimeError("code conversion to the asmk layout is wrong")

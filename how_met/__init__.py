@@ -20,6 +20,7 @@ _EXPORTS = {
     "PCAWhitening": "features.whitening",
     "extract_to_store": "features.extract", "learn_whitening": "features.extract",
     "Codebook": "asmk.codebook", "train_codebook": "asmk.codebook",
+    "quantise_and_aggregate": "asmk.aggregation",
     "InvertedFile": "asmk.inverted_file", "build_index": "asmk.indexing",
     "query_descriptors": "asmk.query", "query_store": "asmk.query",
     "Neighbours": "neighbours",

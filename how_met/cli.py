@@ -239,8 +239,9 @@ def _configure_index(p: argparse.ArgumentParser) -> None:
 def _run_index(args) -> int:
     from .asmk.indexing import build_index
     configure_threads()
-    ivf = build_index(args.features, args.codebook, args.out, append=args.append, batch_size=args.batch_size,
-                      use_idf=args.idf, binary=args.binary)
+    ivf = build_index(args.features, args.codebook, extend=args.out if args.append and args.out.exists() else None,
+                      batch_size=args.batch_size, use_idf=args.idf, binary=args.binary)
+    ivf.save(args.out)
     stats = ivf.stats()
     print(json.dumps({"index": str(args.out), "images": stats["images"], "postings": stats["postings"],
                       "bytes_per_vector": round(stats["bytes"]["per_vector"], 2),

@@ -1,15 +1,19 @@
-"""Small shared helpers: thread sizing, progress bars, atomic file writes, logging."""
+"""Small shared helpers: thread sizing, progress bars, atomic file writes, timestamps, L2
+normalisation, logging."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, Optional
 
+import numpy as np
 from tqdm.auto import tqdm
 
 logger = logging.getLogger("how_met")
@@ -74,15 +78,17 @@ def configured_threads() -> Optional[int]:
 
 
 def configure_threads(n: Optional[int] = None) -> int:
-    """Size the torch, faiss and numba thread pools to ``n`` (default: free_cores())."""
+    """Size the torch, faiss and numba thread pools to ``n`` (default: free_cores()).
+
+    torch only when the process has imported it already: importing it just to size its pool
+    would load it into commands that run no network (``how-met index``); every stage that runs
+    one imports torch first and calls this again.
+    """
     global _configured_threads
     n = free_cores() if n is None else max(1, int(n))
     _configured_threads = n
-    try:
-        import torch
-        torch.set_num_threads(n)
-    except ImportError:
-        pass
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
     try:
         import faiss
         faiss.omp_set_num_threads(n)
@@ -126,20 +132,32 @@ def progress(iterable: Iterable = None, desc: str = "", total: Optional[int] = N
 
 @contextlib.contextmanager
 def atomic_path(path: os.PathLike, suffix: str = ".tmp"):
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success."""
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success.
+
+    The temporary may be a file or a directory; a directory replaces an existing directory
+    (moved aside first, removed after), so ``path`` is never left half-written.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}{suffix}")
+    old = path.with_name(f".{path.name}.{os.getpid()}.old")
+    for stale in (tmp, old):
+        _remove(stale)
     try:
         yield tmp
+        if tmp.is_dir() and path.is_dir():
+            os.replace(path, old)
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            if tmp.is_dir():
-                import shutil
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.unlink()
+        for stale in (tmp, old):
+            _remove(stale)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
 
 
 def write_json(path: os.PathLike, obj, indent: int = 1) -> None:
@@ -148,6 +166,18 @@ def write_json(path: os.PathLike, obj, indent: int = 1) -> None:
         with open(tmp, "w") as fh:
             json.dump(obj, fh, indent=indent)
             fh.write("\n")
+
+
+def utc_now() -> str:
+    """The current UTC time as an ISO 8601 string, to the second (for file metadata)."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Rows scaled to unit L2 norm (all-zero rows stay zero), float32."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, eps)
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -1,4 +1,5 @@
-"""A tiny dataset in the exact Met layout, with real-looking JPEGs, for tests and demos.
+"""A tiny dataset in the exact Met layout, with real-looking JPEGs, for the tests (the photos
+and JPEG writing are the demo museum's, ``how_met.pipeline.photos``).
 
 ``write_met_fixture(root)`` writes::
 
@@ -22,21 +23,12 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
+from how_met.pipeline.photos import save_jpeg, skimage_photo
+
 # Colour photos that make the exhibits; greyscale textures/documents make the distractors.
 _EXHIBIT_SOURCES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
                     "immunohistochemistry", "retina", "colorwheel")
 _DISTRACTOR_SOURCES = ("brick", "grass", "gravel", "moon", "page", "text", "camera", "coins", "clock", "cell")
-
-
-def _sample_image(name: str) -> np.ndarray:
-    import skimage.data
-
-    image = np.asarray(getattr(skimage.data, name)())
-    if image.dtype == bool:
-        image = image.astype(np.uint8) * 255
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    return np.ascontiguousarray(image[:, :, :3].astype(np.uint8))
 
 
 def _crop(image: np.ndarray, centre: Tuple[float, float], side: float, out_size: int) -> np.ndarray:
@@ -60,11 +52,8 @@ def _relight(patch: np.ndarray, rng: np.random.Generator, strength: float) -> np
     return (np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def _save_jpeg(path: Path, pixels: np.ndarray) -> None:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path, "JPEG", quality=90)
+def _write(path: Path, pixels: np.ndarray) -> None:
+    save_jpeg(pixels, path, quality=90)
 
 
 def _hash_name(*parts) -> str:
@@ -90,7 +79,7 @@ def write_met_fixture(root, n_classes: int = 6, images_per_class: int = 2, queri
     image_root = root / "images" if images_level else root
     gt_dir = root / "ground_truth" if ground_truth_dir else root
     gt_dir.mkdir(parents=True, exist_ok=True)
-    sources = {name: _sample_image(name) for name in _EXHIBIT_SOURCES}
+    sources = {name: skimage_photo(name) for name in _EXHIBIT_SOURCES}
 
     total_classes = n_classes + n_db_only_classes
     class_ids = [int(v) for v in rng.choice(np.arange(1, 900_000), size=total_classes, replace=False)]
@@ -112,7 +101,7 @@ def write_met_fixture(root, n_classes: int = 6, images_per_class: int = 2, queri
             patch = _crop(image, (cx + rng.uniform(-jitter, jitter), cy + rng.uniform(-jitter, jitter)),
                           side * rng.uniform(0.95, 1.05), size)
             rel = f"MET/{class_ids[c]}/{n}.jpg"
-            _save_jpeg(image_root / rel, _relight(patch, rng, 0.05))
+            _write(image_root / rel, _relight(patch, rng, 0.05))
             database.append({"id": class_ids[c], "path": rel})
 
     splits: Dict[str, List[dict]] = {"val": [], "test": []}
@@ -123,11 +112,11 @@ def write_met_fixture(root, n_classes: int = 6, images_per_class: int = 2, queri
             patch = _crop(image, (cx + rng.uniform(-jitter, jitter), cy + rng.uniform(-jitter, jitter)),
                           side * rng.uniform(0.8, 0.95), size)
             rel = f"test_met/{_hash_name('met', seed, c, q)}.jpg"
-            _save_jpeg(image_root / rel, _relight(patch, rng, 0.25))
+            _write(image_root / rel, _relight(patch, rng, 0.25))
             # Other keys may appear in the official files; loaders must ignore them.
             splits["val" if q % 2 == 0 else "test"].append({"path": rel, "MET_id": class_ids[c], "fixture": True})
 
-    distractor_images = [_sample_image(name) for name in _DISTRACTOR_SOURCES]
+    distractor_images = [skimage_photo(name) for name in _DISTRACTOR_SOURCES]
     counter = 0
     for split in ("val", "test"):
         for d in range(distractors_per_split):
@@ -137,7 +126,7 @@ def write_met_fixture(root, n_classes: int = 6, images_per_class: int = 2, queri
             centre = (rng.uniform(side / 2, w - side / 2), rng.uniform(side / 2, h - side / 2))
             kind = "test_other" if d % 2 == 0 else "test_noart"
             rel = f"{kind}/{_hash_name(kind, seed, split, d)}.jpg"
-            _save_jpeg(image_root / rel, _relight(_crop(image, centre, side, size), rng, 0.1))
+            _write(image_root / rel, _relight(_crop(image, centre, side, size), rng, 0.1))
             splits[split].append({"path": rel})
             counter += 1
     for entries in splits.values():  # queries of all kinds interleaved, as in the real files

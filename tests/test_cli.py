@@ -51,3 +51,32 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["codebook", "--features", str(tmp_path / "bad.h5"), "--size", "8",
                  "--out", str(tmp_path / "c.npz")]) == 1
     assert "bad.h5" in capsys.readouterr().err
+
+
+def test_commands_without_a_network_do_not_load_torch(tmp_path):
+    """Building the parser, and running `how-met index`, import neither torch nor the
+    extractor: each command imports only the stages it runs."""
+    import subprocess
+    import sys
+    script = f"""
+import sys
+import numpy as np
+from how_met import cli
+cli.build_parser()
+assert "torch" not in sys.modules, "build_parser loaded torch"
+from how_met.asmk.codebook import Codebook
+from how_met.features.store import FeatureStore, LocalFeatures
+rng = np.random.default_rng(0)
+with FeatureStore({str(tmp_path / "f.h5")!r}, "a") as store:
+    for i in range(5):
+        store.write(f"db/{{i}}.jpg", LocalFeatures(rng.normal(size=(40, 16)).astype(np.float32),
+                    np.ones(40, np.float32), np.zeros((40, 2), np.int16), np.ones(40, np.float32),
+                    (64, 64), (64, 64)))
+Codebook.from_centroids(rng.normal(size=(8, 16))).save({str(tmp_path / "cb.npz")!r})
+assert cli.main(["index", "--features", {str(tmp_path / "f.h5")!r}, "--codebook",
+                 {str(tmp_path / "cb.npz")!r}, "--out", {str(tmp_path / "index")!r}]) == 0
+assert "torch" not in sys.modules, "how-met index loaded torch"
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "index" / "meta.json").is_file()

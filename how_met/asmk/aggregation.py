@@ -6,10 +6,12 @@ and the query stage (``how_met.asmk.query``) compose these functions.
 """
 from __future__ import annotations
 
+import time
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..utils import l2_normalise
 from .codes import binarize, code_words
 
 CHUNK_PAIRS = 4096  # (descriptor, word) pairs aggregated per pass
@@ -163,13 +165,6 @@ def _residual_sums(desc, words, centroids, images):
 
 
 
-def l2_normalize(sums: np.ndarray) -> np.ndarray:
-    """Unit-length rows (a zero row stays zero)."""
-    sums = np.asarray(sums, np.float32)
-    norms = np.linalg.norm(sums, axis=1, keepdims=True)
-    return np.divide(sums, norms, out=np.zeros_like(sums), where=norms > 0)
-
-
 def aggregate(descriptors: np.ndarray, word_ids: np.ndarray, centroids: np.ndarray,
               image_ids: Optional[np.ndarray] = None, binary: bool = True) -> Aggregated:
     """Aggregated ASMK vectors of one or several images: residual sums per (image, word), then
@@ -177,21 +172,33 @@ def aggregate(descriptors: np.ndarray, word_ids: np.ndarray, centroids: np.ndarr
     parts = []
     for chunk in _image_chunks(descriptors, word_ids, centroids, image_ids):
         sums, words, images = _residual_sums(*chunk)
-        parts.append((binarize(sums) if binary else l2_normalize(sums), words, images))
+        parts.append((binarize(sums) if binary else l2_normalise(sums), words, images))
     d = np.asarray(descriptors).shape[-1]
     return Aggregated(*_concatenate(parts, code_words(d) if binary else d, np.uint64 if binary else np.float32))
 
 
-def aggregate_batch(codebook, descriptors: Sequence[np.ndarray], multiple_assignment: int = 1,
-                    binary: bool = True) -> Aggregated:
-    """Quantise (k nearest words) and aggregate a list of images' descriptors in one go."""
-    counts = np.array([len(d) for d in descriptors], np.int64)
-    if counts.sum() == 0:
-        width = code_words(codebook.dim) if binary else codebook.dim
-        dtype = np.uint64 if binary else np.float32
-        return Aggregated(np.zeros((0, width), dtype), np.zeros(0, np.int64), np.zeros(0, np.int64))
-    desc = np.concatenate([np.asarray(d, np.float32) for d in descriptors if len(d)])
-    words = codebook.assign(desc, multiple_assignment)
-    image_ids = np.repeat(np.arange(len(descriptors)), counts)
-    return aggregate(desc, words, codebook.centroids, image_ids, binary=binary)
+def quantise_and_aggregate(codebook, descriptors: Sequence[np.ndarray], multiple_assignment: int = 1,
+                           binary: bool = True, timings: Optional[dict] = None
+                           ) -> Tuple[np.ndarray, Aggregated]:
+    """Quantise the descriptors of a list of images (each descriptor to its
+    ``multiple_assignment`` nearest words, at most the codebook's size) and aggregate them per
+    (image, word), in one assignment call and one vectorised aggregation.
 
+    descriptors: one (n_i, d) array per image. Returns (words (sum n_i, k) int64 of every
+    descriptor in input order, Aggregated whose images are positions in ``descriptors``).
+    timings: if a dict, the seconds of "quantise" and "aggregate" are added to it.
+    """
+    counts = np.array([len(d) for d in descriptors], np.int64)
+    parts = [np.asarray(d, np.float32) for d in descriptors if len(d)]
+    desc = np.concatenate(parts) if parts else np.zeros((0, codebook.dim), np.float32)
+    if desc.ndim != 2 or desc.shape[1] != codebook.dim:
+        raise ValueError(f"descriptors of dimension {desc.shape[1:]} do not match the codebook's {codebook.dim}")
+    started = time.perf_counter()
+    words = codebook.assign(desc, min(int(multiple_assignment), len(codebook.centroids)))
+    quantised = time.perf_counter()
+    aggregated = aggregate(desc, words, codebook.centroids, np.repeat(np.arange(len(descriptors)), counts),
+                           binary=binary)
+    if timings is not None:
+        timings["quantise"] = timings.get("quantise", 0.0) + quantised - started
+        timings["aggregate"] = timings.get("aggregate", 0.0) + time.perf_counter() - quantised
+    return words, aggregated

@@ -25,7 +25,6 @@ a readable ``.json`` copy of the metadata is written beside the archive.
 """
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import logging
@@ -38,10 +37,10 @@ from typing import Optional, Sequence, Tuple
 import faiss
 import numpy as np
 
-from .settings import (CODEBOOK_RECIPES, DEFAULT_EF_SEARCH, DEFAULT_HNSW_M,
+from .settings import (CODEBOOK_DIR, CODEBOOK_RECIPES, DEFAULT_EF_SEARCH, DEFAULT_HNSW_M,
                        DEFAULT_MAX_DESCRIPTORS, DEFAULT_NPROBE, KMEANS_POINTS_PER_WORD, LEGACY_METHOD_NAMES,
-                       RECALL_SAMPLE, SEARCH_METHODS, auto_codebook_size, default_codebook_dir)
-from ..utils import atomic_path, progress, write_json
+                       RECALL_SAMPLE, SEARCH_METHODS, auto_codebook_size)
+from ..utils import atomic_path, progress, utc_now, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +48,6 @@ HELD_OUT_SHARE = 20  # at most 1 in 20 training descriptors is held out to measu
 FORMAT = "how-met-codebook"
 FORMAT_VERSION = 1
 
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def centroid_fingerprint(centroids: np.ndarray) -> str:
@@ -152,7 +148,7 @@ class Codebook:
             "size": int(self.size), "dim": int(d), "iterations": self.iterations, "seed": self.seed,
             "kmeans_objective": float(kmeans.obj[-1]) if len(kmeans.obj) else None,
             "train_seconds": round(time.perf_counter() - started, 2),
-            "extractor": extractor, "model_fingerprint": model, "training_set": training, "created": _now(),
+            "extractor": extractor, "model_fingerprint": model, "training_set": training, "created": utc_now(),
             "faiss_version": faiss.__version__,
         }
         if len(held_out):
@@ -366,6 +362,11 @@ class Codebook:
         return f"Codebook(size={len(self.centroids)}, dim={self.dim}, method={self.method!r})"
 
 
+def load_codebook(codebook) -> Codebook:
+    """The Codebook given, or the one saved at that path."""
+    return codebook if isinstance(codebook, Codebook) else Codebook.load(codebook)
+
+
 def quantisation_recall(codebook: Codebook, descriptors: np.ndarray, k: int = 5) -> dict:
     """How well the codebook's assignment search matches the exact one on ``descriptors``.
 
@@ -420,7 +421,8 @@ def train_codebook(features, size: Optional[int] = None, recipe: Optional[str] =
     """Train a codebook on a feature store and save it. ``recipe`` (a CODEBOOK_RECIPES name)
     supplies every setting not given explicitly and the file name; without a size either, the
     codebook is sized like ``how-met evaluate`` sizes it (``codebook_size_for``). ``out`` defaults
-    to ``codebooks/<recipe or store name-size>.npz``. Returns (codebook, saved path)."""
+    to ``codebooks/<recipe or store name-size>.npz`` in the working directory. Returns (codebook,
+    saved path)."""
     from ..features.store import FeatureStore
 
     settings = dict(CODEBOOK_RECIPES[recipe]) if recipe else {}
@@ -441,5 +443,5 @@ def train_codebook(features, size: Optional[int] = None, recipe: Optional[str] =
     if recipe:
         codebook.meta["recipe"] = {"name": recipe, **settings}
     name = recipe or f"{features.stem}-{size}"
-    saved = codebook.save(out or default_codebook_dir() / f"{name}.npz")
+    saved = codebook.save(out or CODEBOOK_DIR / f"{name}.npz")
     return codebook, saved

@@ -45,9 +45,21 @@ def binarize(sums: np.ndarray) -> np.ndarray:
 
 
 
+_BYTE_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.int64)
+
+
 def popcount(x: np.ndarray) -> np.ndarray:
-    """Number of set bits of each unsigned integer."""
-    return np.bitwise_count(np.asarray(x)).astype(np.int64)
+    """Number of set bits of each unsigned integer (int64, same shape).
+
+    ``np.bitwise_count`` exists from NumPy 2.0 on; setup.cfg allows NumPy 1.24 (what torch and
+    faiss wheels of that era pair with), so older NumPy counts the bits byte by byte.
+    """
+    x = np.asarray(x)
+    bitwise_count = getattr(np, "bitwise_count", None)
+    if bitwise_count is not None:
+        return bitwise_count(x).astype(np.int64)
+    as_bytes = np.ascontiguousarray(x).view(np.uint8).reshape(x.shape + (x.dtype.itemsize,))
+    return _BYTE_POPCOUNT[as_bytes].sum(axis=-1)
 
 
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -23,7 +23,6 @@ and validated by ``how_met.asmk.io``.
 """
 from __future__ import annotations
 
-import datetime
 import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -34,16 +33,13 @@ import numpy as np
 from . import codes
 from .aggregation import Aggregated
 from .io import FORMAT, FORMAT_VERSION, check_consistency, read_index, write_index
-from .kernels import (_alive_df, _compact_postings, _copy_blocks, _search_binary, _search_float,
-                      _weighted_norms)
+from .kernels import alive_df, compact_postings, copy_blocks, search_binary, search_float, weighted_norms
 from ..neighbours import Neighbours
 from ..features.settings import check_model
+from ..utils import utc_now
 
 MAX_IMAGES = 2 ** 32 - 1
 
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 class InvertedFile:
@@ -70,7 +66,7 @@ class InvertedFile:
         self.codebook_fingerprint = codebook_fingerprint
         self.extractor = dict(extractor or {})
         self.model_fingerprint = model_fingerprint
-        self.created = _now()
+        self.created = utc_now()
         self.path: Optional[Path] = None
         self._keys: List[str] = []
         self._position: Dict[str, int] = {}
@@ -106,6 +102,12 @@ class InvertedFile:
         return key in self._position
 
     @property
+    def slot_keys(self) -> List[str]:
+        """Keys of every image position, removed images included (until ``compact``): the
+        database keys that search results index."""
+        return list(self._keys)
+
+    @property
     def n_slots(self) -> int:
         """Image positions in use, removed images included (until compact)."""
         return len(self._keys)
@@ -134,11 +136,12 @@ class InvertedFile:
                 "binary": self.binary, "use_idf": self.use_idf, "bytes": self.nbytes()}
 
     # -- updates ---------------------------------------------------------------------------------
-    def add(self, keys: Sequence[str], vectors: np.ndarray, words: np.ndarray, images: np.ndarray) -> None:
-        """Add images ``keys`` with their aggregated vectors; ``images`` (m,) indexes ``keys``.
+    def add(self, keys: Sequence[str], aggregated: Aggregated) -> None:
+        """Add images ``keys`` with their aggregated vectors (``aggregated.images`` indexes ``keys``).
 
         Costs O(batch): the batch becomes a word-sorted chunk merged into the postings lazily.
         """
+        vectors, words, images = aggregated
         keys = [str(k) for k in keys]
         vectors = np.asarray(vectors)
         words = np.asarray(words, np.int64).ravel()
@@ -182,9 +185,6 @@ class InvertedFile:
                                           np.bincount(images, minlength=len(keys)).astype(np.uint32)])
         self._derived.clear()
 
-    def add_aggregated(self, keys: Sequence[str], aggregated: Aggregated) -> None:
-        self.add(keys, aggregated.vectors, aggregated.words, aggregated.images)
-
     def remove(self, keys: Union[str, Sequence[str]], missing_ok: bool = False) -> int:
         """Remove images by key (their postings are skipped, and dropped by ``compact``)."""
         if isinstance(keys, str):
@@ -218,14 +218,14 @@ class InvertedFile:
         vectors = np.empty((total, self.vector_width), self.vector_dtype)
         image_ids = np.empty(total, np.uint32)
         cursor = offsets[:-1].copy()
-        _copy_blocks(self._vectors, self._image_ids, self._offsets, vectors, image_ids, cursor)
+        copy_blocks(self._vectors, self._image_ids, self._offsets, vectors, image_ids, cursor)
         self._vectors, self._image_ids = vectors[:0], image_ids[:0]  # let the old arrays go
         pending, self._pending = self._pending, []
         while pending:
             chunk_words, chunk_vec, chunk_ids = pending.pop(0)
             chunk_off = np.zeros(self.n_words + 1, np.int64)
             np.cumsum(np.bincount(chunk_words, minlength=self.n_words), out=chunk_off[1:])
-            _copy_blocks(chunk_vec, chunk_ids, chunk_off, vectors, image_ids, cursor)
+            copy_blocks(chunk_vec, chunk_ids, chunk_off, vectors, image_ids, cursor)
             del chunk_words, chunk_vec, chunk_ids
         self._offsets, self._vectors, self._image_ids = offsets, vectors, image_ids
 
@@ -240,7 +240,7 @@ class InvertedFile:
         offsets = np.zeros(self.n_words + 1, np.int64)
         vectors = np.empty((total, self.vector_width), self.vector_dtype)
         image_ids = np.empty(total, np.uint32)
-        _compact_postings(self._offsets, self._vectors, self._image_ids, new_position, keep,
+        compact_postings(self._offsets, self._vectors, self._image_ids, new_position, keep,
                           offsets, vectors, image_ids)
         self._offsets, self._vectors, self._image_ids = offsets, vectors, image_ids
         self._keys = [k for k, a in zip(self._keys, keep) if a]
@@ -255,7 +255,7 @@ class InvertedFile:
         self.consolidate()
         if self._alive.all():
             return np.diff(self._offsets)
-        return _alive_df(self._offsets, self._image_ids, self._alive)
+        return alive_df(self._offsets, self._image_ids, self._alive)
 
     def idf(self) -> np.ndarray:
         """(n_words,) float64 idf(w) = log(N / df(w))**2 (1 for words no image has)."""
@@ -267,7 +267,7 @@ class InvertedFile:
             self.consolidate()
             if use_idf:
                 weight = self.idf()
-                norms = _weighted_norms(self._offsets, self._image_ids, weight, self.n_slots)
+                norms = weighted_norms(self._offsets, self._image_ids, weight, self.n_slots)
             else:
                 weight = np.ones(self.n_words, np.float64)
                 norms = self._n_vectors.astype(np.float64)
@@ -278,14 +278,15 @@ class InvertedFile:
         return self._derived[use_idf]
 
     # -- search ----------------------------------------------------------------------------------
-    def search(self, vectors: np.ndarray, words: np.ndarray, images: np.ndarray, k: int = 100,
-               query_keys: Optional[Sequence[str]] = None, alpha: Optional[float] = None,
-               tau: Optional[float] = None, use_idf: Optional[bool] = None) -> Neighbours:
+    def search(self, aggregated: Aggregated, k: int = 100, query_keys: Optional[Sequence[str]] = None,
+               alpha: Optional[float] = None, tau: Optional[float] = None,
+               use_idf: Optional[bool] = None) -> Neighbours:
         """Top-k database images for a batch of aggregated queries.
 
-        vectors, words: aggregated query vectors; images (m,) the query index of each vector,
-        in [0, nq) with nq = len(query_keys) (default: max + 1, keys "0", "1", ...).
+        aggregated: the queries' vectors and words; ``aggregated.images`` (m,) the query index of
+        each vector, in [0, nq) with nq = len(query_keys) (default: max + 1, keys "0", "1", ...).
         """
+        vectors, words, images = aggregated
         alpha = self.alpha if alpha is None else float(alpha)
         tau = self.tau if tau is None else float(tau)
         use_idf = self.use_idf if use_idf is None else bool(use_idf)
@@ -323,18 +324,13 @@ class InvertedFile:
         elif self.binary:
             q_codes = np.ascontiguousarray(vectors[order], np.uint64)
             table = codes.kernel_table(self.dim, alpha, tau)
-            idx, sc = _search_binary(q_off, q_words, q_codes, q_scale, self._offsets, self._vectors,
+            idx, sc = search_binary(q_off, q_words, q_codes, q_scale, self._offsets, self._vectors,
                                      self._image_ids, db_scale, weight, table, k, workers)
         else:
             q_vecs = np.ascontiguousarray(vectors[order], np.float32)
-            idx, sc = _search_float(q_off, q_words, q_vecs, q_scale, self._offsets, self._vectors,
+            idx, sc = search_float(q_off, q_words, q_vecs, q_scale, self._offsets, self._vectors,
                                     self._image_ids, db_scale, weight, alpha, tau, k, workers)
         return Neighbours(query_keys, self._keys, idx, sc.astype(np.float32))
-
-    def search_aggregated(self, aggregated: Aggregated, k: int = 100,
-                          query_keys: Optional[Sequence[str]] = None, **kwargs) -> Neighbours:
-        return self.search(aggregated.vectors, aggregated.words, aggregated.images, k=k,
-                           query_keys=query_keys, **kwargs)
 
     def postings(self, word: int) -> Tuple[np.ndarray, np.ndarray]:
         """(vectors, image positions) of one word (for inspection and tests)."""
@@ -342,17 +338,9 @@ class InvertedFile:
         a, b = self._offsets[word], self._offsets[word + 1]
         return self._vectors[a:b], self._image_ids[a:b]
 
-    def image_vectors(self, key: str) -> Aggregated:
-        """The aggregated vectors stored for one database image (a scan of all postings)."""
-        self.consolidate()
-        pos = self._position[key]
-        hit = np.flatnonzero(self._image_ids == pos)
-        words = np.searchsorted(self._offsets, hit, side="right") - 1
-        return Aggregated(np.asarray(self._vectors[hit]), words.astype(np.int64), np.zeros(len(hit), np.int64))
-
     # -- files -----------------------------------------------------------------------------------
     def _meta(self) -> dict:
-        arrays = self._arrays()
+        arrays = self.arrays()
         return {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "n_words": self.n_words, "dim": self.dim, "binary": self.binary,
@@ -360,11 +348,14 @@ class InvertedFile:
             "n_images": self.n_slots, "n_alive": len(self), "n_postings": self.n_postings,
             "codebook_fingerprint": self.codebook_fingerprint, "extractor": self.extractor,
             "model_fingerprint": self.model_fingerprint,
-            "created": self.created, "saved": _now(),
+            "created": self.created, "saved": utc_now(),
             "arrays": {name: {"shape": list(a.shape), "dtype": a.dtype.str} for name, a in arrays.items()},
         }
 
-    def _arrays(self) -> Dict[str, np.ndarray]:
+    def arrays(self) -> Dict[str, np.ndarray]:
+        """The postings and per-image arrays as they are saved (consolidated; see the module
+        docstring): offsets, vectors, image_ids, n_vectors, alive."""
+        self.consolidate()
         return {"offsets": self._offsets, "vectors": self._vectors, "image_ids": self._image_ids,
                 "n_vectors": self._n_vectors, "alive": self._alive}
 
@@ -372,7 +363,7 @@ class InvertedFile:
         """Write the index (directory, or HDF5 for a .h5/.hdf5 path) atomically."""
         path = Path(path)
         self.consolidate()
-        write_index(path, self._meta(), self._arrays(), self._keys)
+        write_index(path, self._meta(), self.arrays(), self._keys)
         self.path = path
         return path
 
@@ -414,3 +405,12 @@ class InvertedFile:
         return (f"InvertedFile({len(self)} images, {self.n_postings} postings, {self.n_words} words, "
                 f"{kind}, idf={self.use_idf})")
 
+
+def load_index(index, codebook=None, mmap: bool = True) -> InvertedFile:
+    """The InvertedFile given, or the one saved at that path (memory-mapped); with ``codebook``,
+    checked to be the one it was built with (``InvertedFile.check_codebook``)."""
+    if not isinstance(index, InvertedFile):
+        index = InvertedFile.load(index, mmap=mmap)
+    if codebook is not None:
+        index.check_codebook(codebook)
+    return index

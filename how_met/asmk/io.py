@@ -8,8 +8,6 @@ name first and are renamed over the target, so an existing index is never left h
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Dict, List
 
@@ -38,26 +36,13 @@ def write_index(path: Path, meta: dict, arrays: Dict[str, np.ndarray], keys: Lis
     else:
         if path.exists() and not (path.is_dir() and ((path / "meta.json").exists() or not any(path.iterdir()))):
             raise ValueError(f"{path}: exists and is not a how-met index directory (not overwritten)")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        old = path.with_name(f".{path.name}.{os.getpid()}.old")
-        for stale in (tmp, old):
-            if stale.exists():
-                shutil.rmtree(stale)
-        try:
+        with atomic_path(path) as tmp:
             tmp.mkdir()
             for name, arr in arrays.items():
                 with open(tmp / f"{name}.npy", "wb") as fh:
                     np.save(fh, np.asarray(arr), allow_pickle=False)
             (tmp / "keys.json").write_text(json.dumps(keys))
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")  # written last
-            if path.exists():
-                os.replace(path, old)
-            os.replace(tmp, path)
-        finally:
-            for stale in (tmp, old):
-                if stale.exists():
-                    shutil.rmtree(stale, ignore_errors=True)
 
 
 def read_index(path: Path, mmap: bool):

@@ -25,7 +25,7 @@ def _popcount(typingctx, x):
 
 
 @njit(cache=True)
-def _copy_blocks(src_vec, src_ids, src_off, dst_vec, dst_ids, cursor):
+def copy_blocks(src_vec, src_ids, src_off, dst_vec, dst_ids, cursor):
     """Append each word's block of a word-sorted chunk at that word's cursor in dst."""
     for w in range(len(src_off) - 1):
         a, b = src_off[w], src_off[w + 1]
@@ -37,7 +37,7 @@ def _copy_blocks(src_vec, src_ids, src_off, dst_vec, dst_ids, cursor):
 
 
 @njit(cache=True)
-def _compact_postings(offsets, vectors, image_ids, new_position, keep, out_off, out_vec, out_ids):
+def compact_postings(offsets, vectors, image_ids, new_position, keep, out_off, out_vec, out_ids):
     """Keep the postings of kept images, renumbering their image ids."""
     c = 0
     out_off[0] = 0
@@ -52,7 +52,7 @@ def _compact_postings(offsets, vectors, image_ids, new_position, keep, out_off, 
 
 
 @njit(cache=True)
-def _alive_df(offsets, image_ids, alive):
+def alive_df(offsets, image_ids, alive):
     """Per word, the number of postings of images still alive."""
     df = np.zeros(len(offsets) - 1, np.int64)
     for w in range(len(offsets) - 1):
@@ -65,7 +65,7 @@ def _alive_df(offsets, image_ids, alive):
 
 
 @njit(cache=True)
-def _weighted_norms(offsets, image_ids, weight, n_images):
+def weighted_norms(offsets, image_ids, weight, n_images):
     """Per image, the sum of the weights of its words."""
     out = np.zeros(n_images, np.float64)
     for w in range(len(offsets) - 1):
@@ -75,14 +75,34 @@ def _weighted_norms(offsets, image_ids, weight, n_images):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _worse(sa, ia, sb, ib):
     """Ranking order: higher score first, then lower database position."""
     return sa < sb or (sa == sb and ia > ib)
 
 
+@njit(cache=True, inline="always")
+def _sift_down(heap_s, heap_i, size, s, img):
+    """Place (s, img) at the root of the min-heap heap[:size] and sift it down."""
+    pos = 0
+    while True:
+        child = 2 * pos + 1
+        if child >= size:
+            break
+        if child + 1 < size and _worse(heap_s[child + 1], heap_i[child + 1], heap_s[child], heap_i[child]):
+            child += 1
+        if _worse(heap_s[child], heap_i[child], s, img):
+            heap_s[pos] = heap_s[child]
+            heap_i[pos] = heap_i[child]
+            pos = child
+        else:
+            break
+    heap_s[pos] = s
+    heap_i[pos] = img
+
+
 @njit(cache=True)
-def _top_k(touched, n_touched, acc, db_scale, q_scale, k, heap_s, heap_i, out_i, out_s):
+def top_k(touched, n_touched, acc, db_scale, q_scale, k, heap_s, heap_i, out_i, out_s):
     """Top-k of the touched images into out_i/out_s (sorted), via a size-k min-heap."""
     size = 0
     for t in range(n_touched):
@@ -105,60 +125,46 @@ def _top_k(touched, n_touched, acc, db_scale, q_scale, k, heap_s, heap_i, out_i,
             heap_s[pos] = s
             heap_i[pos] = img
         elif _worse(heap_s[0], heap_i[0], s, img):
-            # replace the worst and sift down
-            pos = 0
-            while True:
-                child = 2 * pos + 1
-                if child >= size:
-                    break
-                if child + 1 < size and _worse(heap_s[child + 1], heap_i[child + 1], heap_s[child], heap_i[child]):
-                    child += 1
-                if _worse(heap_s[child], heap_i[child], s, img):
-                    heap_s[pos] = heap_s[child]
-                    heap_i[pos] = heap_i[child]
-                    pos = child
-                else:
-                    break
-            heap_s[pos] = s
-            heap_i[pos] = img
+            _sift_down(heap_s, heap_i, size, s, img)  # replace the worst
     # pop the worst repeatedly: fills the output from the back
     for r in range(size - 1, -1, -1):
         out_s[r] = heap_s[0]
         out_i[r] = heap_i[0]
         size -= 1
-        last_s, last_i = heap_s[size], heap_i[size]
-        pos = 0
-        while True:
-            child = 2 * pos + 1
-            if child >= size:
-                break
-            if child + 1 < size and _worse(heap_s[child + 1], heap_i[child + 1], heap_s[child], heap_i[child]):
-                child += 1
-            if _worse(heap_s[child], heap_i[child], last_s, last_i):
-                heap_s[pos] = heap_s[child]
-                heap_i[pos] = heap_i[child]
-                pos = child
-            else:
-                break
-        heap_s[pos] = last_s
-        heap_i[pos] = last_i
+        _sift_down(heap_s, heap_i, size, heap_s[size], heap_i[size])
+
+
+@njit(cache=True, inline="always")
+def _accumulate(img, value, q, stamp, acc, touched, n_touched):
+    """acc[img] += value for query q, resetting img's entry the first time q touches it (the
+    stamp says which query last wrote it); returns the new number of touched images."""
+    if stamp[img] != q:
+        stamp[img] = q
+        acc[img] = 0.0
+        touched[n_touched] = img
+        n_touched += 1
+    acc[img] += value
+    return n_touched
+
+
+@njit(cache=True, inline="always")
+def _query_buffers(n_db, k):
+    """One search thread's buffers: scores, stamps (the last query that wrote an entry: entries
+    are reset lazily), touched images, and the top-k heap."""
+    return (np.zeros(n_db, np.float64), np.full(n_db, -1, np.int32), np.empty(n_db, np.int64),
+            np.empty(k, np.float64), np.empty(k, np.int64))
 
 
 @njit(parallel=True, cache=True)
-def _search_binary(q_off, q_words, q_codes, q_scale, offsets, codes, image_ids, db_scale,
-                   word_weight, table, k, workers):
+def search_binary(q_off, q_words, q_codes, q_scale, offsets, codes, image_ids, db_scale,
+                  word_weight, table, k, workers):
     nq = len(q_off) - 1
     n_db = len(db_scale)
     nb = codes.shape[1]
     out_i = np.full((nq, k), -1, np.int64)
     out_s = np.full((nq, k), -np.inf, np.float64)
     for worker in prange(workers):
-        # per-thread buffers; entries are reset lazily through the stamp of the last query
-        acc = np.zeros(n_db, np.float64)
-        stamp = np.full(n_db, -1, np.int32)
-        touched = np.empty(n_db, np.int64)
-        heap_s = np.empty(k, np.float64)
-        heap_i = np.empty(k, np.int64)
+        acc, stamp, touched, heap_s, heap_i = _query_buffers(n_db, k)
         qc = np.empty(nb, np.uint64)
         for q in range(worker, nq, workers):
             n_touched = 0
@@ -171,36 +177,24 @@ def _search_binary(q_off, q_words, q_codes, q_scale, offsets, codes, image_ids, 
                 if nb == 2:  # 128-bit codes: the common case, unrolled
                     q0, q1 = q_codes[j, 0], q_codes[j, 1]
                     for p in range(start, stop):
-                        img = image_ids[p]
                         h = _popcount(q0 ^ codes[p, 0]) + _popcount(q1 ^ codes[p, 1])
-                        if stamp[img] != q:
-                            stamp[img] = q
-                            acc[img] = 0.0
-                            touched[n_touched] = img
-                            n_touched += 1
-                        acc[img] += wt * table[h]
+                        n_touched = _accumulate(image_ids[p], wt * table[h], q, stamp, acc, touched, n_touched)
                 else:
                     for b in range(nb):
                         qc[b] = q_codes[j, b]
                     for p in range(start, stop):
-                        img = image_ids[p]
                         h = 0
                         for b in range(nb):
                             h += _popcount(qc[b] ^ codes[p, b])
-                        if stamp[img] != q:
-                            stamp[img] = q
-                            acc[img] = 0.0
-                            touched[n_touched] = img
-                            n_touched += 1
-                        acc[img] += wt * table[h]
-            # removed (or empty) images have db_scale 0 and are left out by _top_k
-            _top_k(touched, n_touched, acc, db_scale, q_scale[q], k, heap_s, heap_i, out_i[q], out_s[q])
+                        n_touched = _accumulate(image_ids[p], wt * table[h], q, stamp, acc, touched, n_touched)
+            # removed (or empty) images have db_scale 0 and are left out by top_k
+            top_k(touched, n_touched, acc, db_scale, q_scale[q], k, heap_s, heap_i, out_i[q], out_s[q])
     return out_i, out_s
 
 
 @njit(parallel=True, cache=True)
-def _search_float(q_off, q_words, q_vecs, q_scale, offsets, vecs, image_ids, db_scale,
-                  word_weight, alpha, tau, k, workers):
+def search_float(q_off, q_words, q_vecs, q_scale, offsets, vecs, image_ids, db_scale,
+                 word_weight, alpha, tau, k, workers):
     nq = len(q_off) - 1
     n_db = len(db_scale)
     d = vecs.shape[1]
@@ -208,11 +202,7 @@ def _search_float(q_off, q_words, q_vecs, q_scale, offsets, vecs, image_ids, db_
     out_i = np.full((nq, k), -1, np.int64)
     out_s = np.full((nq, k), -np.inf, np.float64)
     for worker in prange(workers):
-        acc = np.zeros(n_db, np.float64)
-        stamp = np.full(n_db, -1, np.int32)
-        touched = np.empty(n_db, np.int64)
-        heap_s = np.empty(k, np.float64)
-        heap_i = np.empty(k, np.int64)
+        acc, stamp, touched, heap_s, heap_i = _query_buffers(n_db, k)
         for q in range(worker, nq, workers):
             n_touched = 0
             for j in range(q_off[q], q_off[q + 1]):
@@ -221,19 +211,12 @@ def _search_float(q_off, q_words, q_vecs, q_scale, offsets, vecs, image_ids, db_
                 if wt == 0.0:
                     continue
                 for p in range(offsets[w], offsets[w + 1]):
-                    img = image_ids[p]
                     s = 0.0
                     for t in range(d):
                         s += q_vecs[j, t] * vecs[p, t]
                     v = 0.0
                     if s >= tau:
                         v = s * s * s if cube else s ** alpha
-                    if stamp[img] != q:
-                        stamp[img] = q
-                        acc[img] = 0.0
-                        touched[n_touched] = img
-                        n_touched += 1
-                    acc[img] += wt * v
-            _top_k(touched, n_touched, acc, db_scale, q_scale[q], k, heap_s, heap_i, out_i[q], out_s[q])
+                    n_touched = _accumulate(image_ids[p], wt * v, q, stamp, acc, touched, n_touched)
+            top_k(touched, n_touched, acc, db_scale, q_scale[q], k, heap_s, heap_i, out_i[q], out_s[q])
     return out_i, out_s
-

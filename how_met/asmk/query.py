@@ -12,30 +12,16 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..features.settings import check_extractor, check_model
+from ..features.store import FeatureStore
 from ..neighbours import Neighbours
 from ..utils import progress
+from .aggregation import quantise_and_aggregate
+from .codebook import load_codebook
+from .inverted_file import load_index
 from .settings import DEFAULT_K, DEFAULT_MULTIPLE_ASSIGNMENT
 
 logger = logging.getLogger(__name__)
-
-
-
-def load_index_and_codebook(index, codebook):
-    """The InvertedFile and Codebook (each given as the object or its path), checked to belong
-    together."""
-    from .codebook import Codebook
-    from .inverted_file import InvertedFile
-    if not isinstance(codebook, Codebook):
-        codebook = Codebook.load(codebook)
-    if not isinstance(index, InvertedFile):
-        index = InvertedFile.load(index, mmap=True)
-    index.check_codebook(codebook)
-    return index, codebook
-
-
-def _add_time(timings: Optional[dict], name: str, seconds: float) -> None:
-    if timings is not None:
-        timings[name] = timings.get(name, 0.0) + seconds
 
 
 def query_descriptors(index, codebook, descriptors: Sequence[np.ndarray],
@@ -47,28 +33,17 @@ def query_descriptors(index, codebook, descriptors: Sequence[np.ndarray],
 
     timings: if a dict, seconds spent in "quantise", "aggregate" and "search" are added to it.
     """
-    from .aggregation import aggregate
-    index, codebook = load_index_and_codebook(index, codebook)
+    codebook = load_codebook(codebook)
+    index = load_index(index, codebook)
     query_keys = [str(i) for i in range(len(descriptors))] if query_keys is None else list(query_keys)
     if len(query_keys) != len(descriptors):
         raise ValueError(f"{len(query_keys)} query keys for {len(descriptors)} descriptor sets")
-    counts = np.array([len(d) for d in descriptors], np.int64)
-    parts = [np.asarray(d, np.float32) for d in descriptors if len(d)]
-    desc = np.concatenate(parts) if parts else np.zeros((0, codebook.dim), np.float32)
-    if desc.ndim != 2 or desc.shape[1] != codebook.dim:
-        raise ValueError(f"query descriptors of dimension {desc.shape[1:]} do not match the codebook's {codebook.dim}")
-    t0 = time.perf_counter()
-    ma = min(int(multiple_assignment), len(codebook.centroids))
-    words = codebook.assign(desc, ma)
-    t1 = time.perf_counter()
-    agg = aggregate(desc, words, codebook.centroids, np.repeat(np.arange(len(descriptors)), counts),
-                         binary=index.binary)
-    t2 = time.perf_counter()
-    result = index.search_aggregated(agg, k=k, query_keys=query_keys, alpha=alpha, tau=tau, use_idf=use_idf)
-    t3 = time.perf_counter()
-    _add_time(timings, "quantise", t1 - t0)
-    _add_time(timings, "aggregate", t2 - t1)
-    _add_time(timings, "search", t3 - t2)
+    _, aggregated = quantise_and_aggregate(codebook, descriptors, multiple_assignment, index.binary, timings)
+    started = time.perf_counter()
+    result = index.search(aggregated, k=k, query_keys=query_keys, alpha=alpha, tau=tau,
+                          use_idf=use_idf)
+    if timings is not None:
+        timings["search"] = timings.get("search", 0.0) + time.perf_counter() - started
     return result
 
 
@@ -78,9 +53,8 @@ def query_store(index, codebook, features_path, k: int = DEFAULT_K,
                 use_idf: Optional[bool] = None, show_progress: bool = True,
                 timings: Optional[dict] = None) -> Neighbours:
     """Rank the database for every image of a query feature store (or ``keys`` of it)."""
-    from ..features.settings import check_extractor, check_model
-    from ..features.store import FeatureStore
-    index, codebook = load_index_and_codebook(index, codebook)
+    codebook = load_codebook(codebook)
+    index = load_index(index, codebook)
     with FeatureStore(features_path, "r") as store:
         check_extractor(store.config, index.extractor, features_path, index.path or "the index")
         check_model(store.model_fingerprint, index.model_fingerprint, features_path, index.path or "the index")
@@ -99,6 +73,6 @@ def query_store(index, codebook, features_path, k: int = DEFAULT_K,
             db_keys = part.db_keys  # the same index answers every batch
             bar.update(len(batch))
         bar.close()
-    return Neighbours(keys, index._keys if db_keys is None else db_keys,
+    return Neighbours(keys, index.slot_keys if db_keys is None else db_keys,
                       np.concatenate(indices), np.concatenate(scores))
 

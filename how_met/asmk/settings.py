@@ -32,7 +32,7 @@ OFFICIAL_SEED = 1234
 
 DEFAULT_K = 100                       # database images returned per query
 DEFAULT_MULTIPLE_ASSIGNMENT = 5       # visual words per query descriptor
-REPO_CODEBOOKS = Path(__file__).resolve().parents[2] / "codebooks"
+CODEBOOK_DIR = Path("codebooks")  # where a codebook goes without --out (relative to the working directory)
 
 # Named codebook recipes: how each codebook in codebooks/ is (to be) made. See codebooks/README.md.
 CODEBOOK_RECIPES: Dict[str, dict] = {
@@ -66,11 +66,6 @@ CODEBOOK_RECIPES: Dict[str, dict] = {
         "description": "the published HOW + ASMK codebook settings (official how_r18.pth checkpoint)",
     },
 }
-
-
-def default_codebook_dir() -> Path:
-    """The repository's codebooks/ folder in a source checkout, else ./codebooks."""
-    return REPO_CODEBOOKS if REPO_CODEBOOKS.is_dir() else Path.cwd() / "codebooks"
 
 
 def auto_codebook_size(n_descriptors: int) -> int:

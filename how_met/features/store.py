@@ -23,11 +23,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import h5py
 import numpy as np
 
+from ..utils import atomic_path
 from .settings import with_legacy_defaults
 
 PARTIAL = "__partial__"
@@ -211,10 +212,6 @@ class FeatureStore:
             out.append(grp["global"][()].astype(np.float32))
         return np.stack(out) if out else np.zeros((0, 0), np.float32)
 
-    def iter_features(self, keys: Optional[Iterable[str]] = None) -> Iterator[Tuple[str, LocalFeatures]]:
-        for key in self.keys() if keys is None else keys:
-            yield key, self.read(key)
-
     # -- writing ----------------------------------------------------------------------------------
     def write(self, key: str, feats: LocalFeatures, float16: bool = False) -> None:
         """Store one image's features atomically (replaces an existing entry)."""
@@ -279,16 +276,12 @@ def merge_stores(inputs: Sequence[os.PathLike], out: os.PathLike, overwrite: boo
 
     All inputs must share one extractor config; a key present in several shards is taken once.
     """
-    out_path = Path(out)
-    if out_path.exists() and not overwrite:
-        raise FeatureStoreError(f"{out_path}: exists (how-met merge --overwrite, or overwrite=True, "
+    if Path(out).exists() and not overwrite:
+        raise FeatureStoreError(f"{out}: exists (how-met merge --overwrite, or overwrite=True, "
                                 f"replaces it)")
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    if tmp.exists():
-        tmp.unlink()
     seen = set()
     config = None
-    with FeatureStore(tmp, "a") as merged:
+    with atomic_path(out) as tmp, FeatureStore(tmp, "a") as merged:
         for path in inputs:
             with FeatureStore(path, "r") as shard:
                 if config is None:
@@ -308,5 +301,4 @@ def merge_stores(inputs: Sequence[os.PathLike], out: os.PathLike, overwrite: boo
                     if key not in seen:
                         merged.copy_from(shard, key)
                         seen.add(key)
-    os.replace(tmp, out_path)
     return len(seen)

@@ -1,5 +1,7 @@
-"""PCA-whitening: of the HOW reduction layer (``whitening_from_moments``) and of global
-descriptors (``PCAWhitening``).
+"""PCA-whitening, one implementation and one rule for the HOW reduction layer
+(``whitening_from_moments``) and for global descriptors (``PCAWhitening``): only directions the
+data supports are whitened (numerical rank, rule 1 below). The HOW layer's dimension is fixed,
+so it refuses features of lower rank instead of capping.
 
 ``PCAWhitening.learn`` learns the whitening on the database descriptors (SPEC section 4):
 mean-centring, projection onto the covariance eigenvectors scaled by eigenvalue^(-shrinkage/2)
@@ -30,22 +32,31 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from ..utils import atomic_path
+from ..utils import atomic_path, l2_normalise
 
 logger = logging.getLogger(__name__)
 
-_RANK_TOLERANCE = 1e-6
+RANK_TOLERANCE = 1e-6
 _COVARIANCE_CHUNK = 32768
 
 
+def principal_directions(covariance: np.ndarray, n_samples: int) -> Tuple[np.ndarray, np.ndarray, int]:
+    """Eigenvalues (descending), eigenvectors (columns) and numerical rank of a covariance
+    estimated from ``n_samples``: eigenvalues below ``RANK_TOLERANCE`` times the largest are
+    null, and n samples span at most n - 1 directions."""
+    eigenvalues, eigenvectors = np.linalg.eigh(np.asarray(covariance, np.float64))
+    order = np.argsort(eigenvalues)[::-1]
+    eigenvalues, eigenvectors = eigenvalues[order], eigenvectors[:, order]
+    largest = eigenvalues[0] if n_samples > 1 else 0.0
+    rank = int(np.count_nonzero(eigenvalues > RANK_TOLERANCE * largest)) if largest > 0 else 0
+    return eigenvalues, eigenvectors, min(rank, n_samples - 1)
 
 
-def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Rows scaled to unit L2 norm (all-zero rows stay zero), float32."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, eps)
-
+def whitening_projection(eigenvalues: np.ndarray, eigenvectors: np.ndarray, dims: int,
+                         shrinkage: float = 1.0) -> np.ndarray:
+    """(C, dims) float64: the top ``dims`` eigenvectors scaled by eigenvalue^(-shrinkage/2)
+    (shrinkage 1 = full whitening, 0 = plain PCA); ``dims`` must not exceed the rank."""
+    return eigenvectors[:, :dims] * eigenvalues[:dims][None, :] ** (-0.5 * shrinkage)
 
 
 @dataclass
@@ -89,12 +100,7 @@ class PCAWhitening:
             centred = X[start:start + _COVARIANCE_CHUNK].astype(np.float64) - mean
             covariance += centred.T @ centred
         covariance /= max(n - 1, 1)
-        eigenvalues, eigenvectors = np.linalg.eigh(covariance)
-        order = np.argsort(eigenvalues)[::-1]
-        eigenvalues, eigenvectors = eigenvalues[order], eigenvectors[:, order]
-        largest = eigenvalues[0] if n > 1 else 0.0
-        rank = int(np.count_nonzero(eigenvalues > _RANK_TOLERANCE * largest)) if largest > 0 else 0
-        rank = min(rank, n - 1)
+        eigenvalues, eigenvectors, rank = principal_directions(covariance, n)
         by_samples = int(n // min_images_per_dim)
         out_dim = min(requested, rank, by_samples)
         if out_dim < min(requested, min_dims):
@@ -107,10 +113,9 @@ class PCAWhitening:
             note = (f"dims capped from {requested} to {out_dim}: {n} database images, rank {rank}, "
                     f"at least {min_images_per_dim:g} images per dim")
             logger.warning("PCA-whitening %s", note)
-        kept = eigenvalues[:out_dim]
-        projection = eigenvectors[:, :out_dim] * kept[None, :] ** (-0.5 * shrinkage)
+        projection = whitening_projection(eigenvalues, eigenvectors, out_dim, shrinkage)
         return cls(mean=mean.astype(np.float32), projection=projection.astype(np.float32),
-                   eigenvalues=kept, shrinkage=float(shrinkage), mode="whiten", note=note)
+                   eigenvalues=eigenvalues[:out_dim], shrinkage=float(shrinkage), mode="whiten", note=note)
 
     @classmethod
     def identity(cls, dim: int, note: str = "") -> "PCAWhitening":
@@ -150,16 +155,16 @@ class PCAWhitening:
             raise ValueError(f"{path}: not a how-met whitening file ({exc})") from None
 
 
-def whitening_from_moments(mean: np.ndarray, cov: np.ndarray, dim: int,
+def whitening_from_moments(mean: np.ndarray, cov: np.ndarray, n_samples: int, dim: int,
                            shrinkage: float = 1.0) -> Tuple[np.ndarray, np.ndarray]:
-    """PCA-whitening from a mean (C,) and covariance (C, C): returns (mean, projection (dim, C)),
-    projection = top-dim eigenvectors^T scaled by eigenvalue^(-shrinkage/2)."""
+    """PCA-whitening of the HOW reduction layer from a mean (C,) and covariance (C, C) of
+    ``n_samples`` features: returns (mean, projection (dim, C)). The layer's dim is fixed, so
+    the rule's cap cannot apply: features spanning fewer than ``dim`` directions are refused."""
     if dim > len(mean):
         raise ValueError(f"whitening dim {dim} > descriptor dim {len(mean)}")
-    eigval, eigvec = np.linalg.eigh(np.asarray(cov, np.float64))
-    order = np.argsort(eigval)[::-1][:dim]
-    # Floor tiny eigenvalues so rank-deficient data cannot blow up to inf.
-    eigval = np.maximum(eigval[order], 1e-8 * max(eigval.max(), 1e-12))
-    projection = (eigvec[:, order] * eigval ** (-shrinkage / 2)).T
-    return np.asarray(mean, np.float32), projection.astype(np.float32)
-
+    eigenvalues, eigenvectors, rank = principal_directions(cov, n_samples)
+    if rank < dim:
+        raise RuntimeError(f"the local features span only {rank} directions: a {dim}-D whitening "
+                           f"needs more (and more varied) images")
+    projection = whitening_projection(eigenvalues, eigenvectors, dim, shrinkage)
+    return np.asarray(mean, np.float32), projection.T.astype(np.float32)

@@ -24,7 +24,6 @@ reported as mean +- std over the repeats.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -36,7 +35,7 @@ from ..recognition import fusion, knn
 from ..recognition.protocol import protocol_folds, tune_and_test
 from ..utils import configure_threads, library_versions, write_json
 from .settings import METHODS, merge_settings
-from .stages import (Timings, aligned, dir_megabytes, stage_asmk_query, stage_codebook, stage_extract,
+from .stages import (Timings, record_settings, aligned, dir_megabytes, stage_asmk_query, stage_codebook, stage_extract,
                      stage_global, stage_index, stage_rerank)
 
 logger = logging.getLogger(__name__)
@@ -140,17 +139,7 @@ def run_evaluation(data_dir=None, work_dir="how-met-work", settings: Optional[di
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     ds = dataset if dataset is not None else load_dataset(data_dir)
-    settings_path = work / "settings.json"
-    if settings_path.exists():
-        previous = json.loads(settings_path.read_text())
-        stage_keys = ("extract", "checkpoint", "codebook", "codebook_size", "codebook_iterations",
-                      "codebook_points_per_centroid", "multiple_assignment",
-                      "neighbours", "global_dims", "seed")
-        changed = [k for k in stage_keys if previous.get(k) != settings.get(k)]
-        if changed:
-            raise ValueError(f"{work}: was made with other settings ({', '.join(changed)}); "
-                             f"use a new --work directory")
-    write_json(settings_path, settings)
+    record_settings(work, settings)
     timings = Timings(work / "timings.json")
     seeds = repeat_seeds(settings["seed"], repeats)
     protocol, _ = protocol_folds(ds, cv, settings["seed"])
@@ -158,11 +147,9 @@ def run_evaluation(data_dir=None, work_dir="how-met-work", settings: Optional[di
 
     features = stage_extract(ds, work, settings, timings, device)
     global_list = None
-    index_mb = {}
     if "global" in methods or "fusion" in methods or "global+rerank" in methods:
         global_neigh = stage_global(ds, work, features, settings, timings)
         global_list = (aligned(global_neigh, ds), global_neigh)
-        index_mb["global"] = timings.get("global_index_mb")
     outcomes: List[Dict[str, dict]] = []  # per repeat: method -> tune_and_test outcome
     for seed in seeds:
         run = repeat_dir(work, settings["seed"], seed)
@@ -171,8 +158,6 @@ def run_evaluation(data_dir=None, work_dir="how-met-work", settings: Optional[di
                                    methods, global_list)
         _, folds = protocol_folds(ds, cv, seed)
         outcomes.append({name: tune_and_test(lists[name], ds, folds) for name in methods})
-    if "how-asmk" in methods or "fusion" in methods:
-        index_mb["how-asmk"] = dir_megabytes(work / "index")
 
     if repeats > 1:
         varied = "codebook seed" if protocol == "val -> test" else "codebook seed and fold split"
@@ -187,12 +172,7 @@ def run_evaluation(data_dir=None, work_dir="how-met-work", settings: Optional[di
     if timings.get("global_whitening"):
         results["notes"]["global_whitening"] = timings.get("global_whitening")
     (work / "predictions").mkdir(exist_ok=True)
-    query_ms = {"global": timings.get("global_query_ms"), "how-asmk": timings.get("how-asmk_query_ms"),
-                "global+rerank": timings.get("global+rerank_query_ms")}
-    if query_ms["global"] is not None and query_ms["how-asmk"] is not None:
-        query_ms["fusion"] = query_ms["global"] + query_ms["how-asmk"]
-    index_mb["fusion"] = (index_mb.get("global") or 0) + (index_mb.get("how-asmk") or 0) or None
-    index_mb["global+rerank"] = index_mb.get("global")
+    costs = _method_costs(work, timings)
     for name in methods:
         outcome = outcomes[0][name]
         metrics = dict(outcome["metrics"])
@@ -201,16 +181,26 @@ def run_evaluation(data_dir=None, work_dir="how-met-work", settings: Optional[di
         for key in REPEATED_METRICS:
             metrics[key], metrics[f"{key}_std"] = mean_std([r[key] for r in per_repeat])
         results["methods"][name] = {**{k: (round(v, 2) if isinstance(v, float) else v) for k, v in metrics.items()},
-                                    "extract_images_per_s": timings.get("extract_images_per_s"),
-                                    "query_ms_per_image": query_ms.get(name),
-                                    "index_mb": index_mb.get(name),
-                                    "per_fold": outcome["per_fold"],
+                                    **costs.get(name, {}), "per_fold": outcome["per_fold"],
                                     "per_repeat": per_repeat}
-        grid = outcome["grid"]
-        if grid.ndim == 2:
-            results["tuning"][name] = {"K": list(knn.DEFAULT_KS), "t": list(knn.DEFAULT_TS),
-                                       "GAP": np.round(grid, 2).tolist()}
+        results["tuning"][name] = {"K": list(knn.DEFAULT_KS), "t": list(knn.DEFAULT_TS),
+                                   "GAP": np.round(outcome["grid"], 2).tolist()}
         write_json(work / "predictions" / f"{name}.json", _predictions_json(ds, outcome))
     write_json(work / "results.json", results)
     (work / "results.md").write_text(format_table(results) + "\n")
     return results
+
+
+def _method_costs(work: Path, timings: Timings) -> Dict[str, dict]:
+    """Per method: extraction rate, query time and index size (what the stages measured)."""
+    query_ms = {"global": timings.get("global_query_ms"), "how-asmk": timings.get("how-asmk_query_ms"),
+                "global+rerank": timings.get("global+rerank_query_ms")}
+    if query_ms["global"] is not None and query_ms["how-asmk"] is not None:
+        query_ms["fusion"] = query_ms["global"] + query_ms["how-asmk"]
+    index_mb = {"global": timings.get("global_index_mb"),
+                "how-asmk": dir_megabytes(work / "index") if (work / "index").exists() else None}
+    index_mb["fusion"] = (index_mb["global"] or 0) + (index_mb["how-asmk"] or 0) or None
+    index_mb["global+rerank"] = index_mb["global"]
+    return {name: {"extract_images_per_s": timings.get("extract_images_per_s"),
+                   "query_ms_per_image": query_ms.get(name), "index_mb": index_mb.get(name)}
+            for name in ("global", "how-asmk", "fusion", "global+rerank")}

@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
@@ -30,7 +29,7 @@ from PIL import Image
 
 from ..utils import atomic_path, progress, write_json
 from .settings import DEMO_SIZE
-from .photos import photograph, rng_stream, save_jpeg, second_view, shrink_to
+from .photos import as_rgb_uint8, photograph, rng_stream, save_jpeg, second_view, shrink_to, skimage_photo
 
 logger = logging.getLogger("how_met.demo")
 
@@ -47,13 +46,7 @@ DB_JPEG_QUALITY = 90
 # --------------------------------------------------------------------------------------------
 
 def _skimage_loader(name: str) -> Callable[[], np.ndarray]:
-    def load() -> np.ndarray:
-        import skimage.data
-        image = getattr(skimage.data, name)()
-        if isinstance(image, tuple):  # stereo_motorcycle returns (left, right, disparity)
-            image = image[0]
-        return image
-    return load
+    return functools.partial(skimage_photo, name)
 
 
 def _matplotlib_loader(filename: str) -> Callable[[], np.ndarray]:
@@ -128,22 +121,6 @@ SOURCES: Tuple[Source, ...] = (
 )
 
 
-def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.dtype == bool:
-        image = image.astype(np.uint8) * 255
-    elif image.dtype != np.uint8:
-        image = image.astype(np.float64)
-        lo, hi = float(image.min()), float(image.max())
-        image = ((image - lo) / max(hi - lo, 1e-12) * 255.0 + 0.5).astype(np.uint8)
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    elif image.shape[2] == 4:  # RGBA over white
-        alpha = image[:, :, 3:4].astype(np.float64) / 255.0
-        image = (image[:, :, :3] * alpha + 255.0 * (1.0 - alpha) + 0.5).astype(np.uint8)
-    return np.ascontiguousarray(image[:, :, :3])
-
-
 @dataclass(frozen=True)
 class Picture:
     """One crop of a source photograph: an exhibit or a distractor."""
@@ -156,7 +133,7 @@ class Picture:
 
 def _cut(source: Source) -> Tuple[List[Picture], List[Picture]]:
     """The source's crops as (exhibits, distractors)."""
-    image = _as_rgb_uint8(source.load())
+    image = as_rgb_uint8(source.load())
     height, width = image.shape[:2]
     region_top, region_left = int(source.region[0] * height), int(source.region[1] * width)
     image = image[region_top:int(source.region[2] * height),
@@ -264,8 +241,6 @@ def build_demo_museum(out_dir: "str | Path", seed: int = 0,
     parent = out_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir, suffix=".building") as tmp:
-        if tmp.exists():
-            shutil.rmtree(tmp)
         images = tmp / "images"
         database, exhibit_records = [], []
         for label, picture in enumerate(progress(exhibits, desc="demo: exhibits", unit="img")):
@@ -302,7 +277,5 @@ def build_demo_museum(out_dir: "str | Path", seed: int = 0,
             "n_db_images": len(database), "exhibits": exhibit_records,
             "queries": query_records})
         write_json(tmp / MANIFEST_NAME, manifest)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
     return out_dir
 

@@ -1,5 +1,6 @@
 """A visitor's photograph of an exhibit, simulated: frame and wall, perspective, uneven light,
-glare, colour cast, blur and sensor noise; and the image helpers the demo museum shares.
+glare, colour cast, blur and sensor noise; and the image helpers every synthetic dataset shares
+(the demo museum, the test suite's Met fixture): bundled sample photos, resizing, JPEG files.
 
 Images are uint8 (H, W, 3) arrays, or float images in [0, 1] inside the simulation.
 """
@@ -13,6 +14,32 @@ import numpy as np
 from PIL import Image
 
 QUERY_LONG_SIDE = 512      # visitor photos, kept small so extraction stays fast on 2 cores
+
+
+def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    """Any sample image (bool, float, grey, RGBA) as (H, W, 3) uint8 RGB."""
+    image = np.asarray(image)
+    if image.dtype == bool:
+        image = image.astype(np.uint8) * 255
+    elif image.dtype != np.uint8:
+        image = image.astype(np.float64)
+        lo, hi = float(image.min()), float(image.max())
+        image = ((image - lo) / max(hi - lo, 1e-12) * 255.0 + 0.5).astype(np.uint8)
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    elif image.shape[2] == 4:  # RGBA over white
+        alpha = image[:, :, 3:4].astype(np.float64) / 255.0
+        image = (image[:, :, :3] * alpha + 255.0 * (1.0 - alpha) + 0.5).astype(np.uint8)
+    return np.ascontiguousarray(image[:, :, :3])
+
+
+def skimage_photo(name: str) -> np.ndarray:
+    """A sample photograph scikit-image ships (``skimage.data.<name>``) as (H, W, 3) uint8 RGB."""
+    import skimage.data
+    image = getattr(skimage.data, name)()
+    if isinstance(image, tuple):  # stereo_motorcycle returns (left, right, disparity)
+        image = image[0]
+    return as_rgb_uint8(image)
 
 
 def rng_stream(seed: int, *stream: int) -> np.random.Generator:

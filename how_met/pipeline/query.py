@@ -7,6 +7,8 @@ import tempfile
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+from ..asmk.codebook import load_codebook
+from ..asmk.inverted_file import load_index
 from ..asmk.query import query_store
 from ..asmk.settings import DEFAULT_K, DEFAULT_MULTIPLE_ASSIGNMENT
 from ..features.settings import OVERRIDABLE, with_legacy_defaults
@@ -79,10 +81,10 @@ def run_query(index, codebook, out, features=None, images=None, checkpoint=None,
     database was extracted with -- and ``config``, see ``query_config``), optionally rerank
     each top-k by spatial verification against ``db_features``, and save the result to ``out``.
     ``options``: k, multiple_assignment, alpha, tau, use_idf, batch_size (see query_store)."""
-    from ..asmk.query import load_index_and_codebook
     if rerank and db_features is None:
         raise ValueError("--rerank needs --db-features: the database feature store the index was built from")
-    index, codebook = load_index_and_codebook(index, codebook)
+    codebook = load_codebook(codebook)
+    index = load_index(index, codebook)
     with tempfile.TemporaryDirectory(prefix="how-met-query-") as tmp:
         query_features = features
         if features is not None:

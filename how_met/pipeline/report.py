@@ -299,27 +299,42 @@ def write_report(work_dir: "str | Path", out: "str | Path | None" = None,
         raise ValueError(f"{work_dir / 'results.json'}: no 'methods' object")
     dataset = results.get("dataset") or {}
     methods: Dict[str, dict] = results["methods"]
-    tuning: Dict[str, dict] = results.get("tuning") or {}
     image_root = Path(dataset["image_root"]) if dataset.get("image_root") else None
     if image_root is not None and not image_root.is_absolute():
         image_root = (work_dir / image_root).resolve()
-
     out.mkdir(parents=True, exist_ok=True)
     (out / FIGURES_DIR).mkdir(exist_ok=True)
     predictions = _load_predictions(work_dir, methods)
-
-    sections: List[str] = []
     title = f"how-met report: {dataset.get('name', work_dir.name)}"
+    sections = [_header_section(title, results, work_dir, out), _metrics_section(results),
+                _precision_section(methods, predictions, out),
+                _tuning_section(methods, results.get("tuning") or {}, out),
+                _queries_section(methods, predictions, image_root, out, n_queries_shown)]
+    page = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f'<title>{_esc(title)}</title><style>{CSS}</style></head><body>\n'
+            + "\n".join(sections) + "\n</body></html>\n")
+    index = out / "index.html"
+    with atomic_path(index) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return index
+
+
+def _header_section(title: str, results: dict, work_dir: Path, out: Path) -> str:
+    """Title, dataset line and links (results.json/.md are copied beside the page)."""
     links = ['<a href="#metrics">metrics</a>', '<a href="#precision">precision</a>',
              '<a href="#tuning">tuning</a>', '<a href="#queries">queries</a>']
     for extra in ("results.json", "results.md"):
         if (work_dir / extra).is_file():
             shutil.copyfile(work_dir / extra, out / extra)
             links.append(f'<a href="{extra}">{extra}</a>')
-    sections.append(f'<header><h1>{_esc(title)}</h1>'
-                    f'<p class="meta">{_dataset_line(dataset, results.get("protocol"))}</p>'
-                    f'<nav>{"".join(links)}</nav></header>')
+    return (f'<header><h1>{_esc(title)}</h1>'
+            f'<p class="meta">{_dataset_line(results.get("dataset") or {}, results.get("protocol"))}</p>'
+            f'<nav>{"".join(links)}</nav></header>')
 
+
+def _metrics_section(results: dict) -> str:
+    """The metrics table, the evaluation's notes and its settings."""
     settings = json.dumps(results.get("settings", {}), indent=1, sort_keys=True)
     notes = results.get("notes") or {}
     notes_html = ""
@@ -330,35 +345,35 @@ def write_report(work_dir: "str | Path", out: "str | Path | None" = None,
     elif isinstance(notes, (list, str)) and notes:
         items = [notes] if isinstance(notes, str) else notes
         notes_html = f'<ul class="note">{"".join(f"<li>{_esc(n)}</li>" for n in items)}</ul>'
+    return ('<section id="metrics"><h2>Metrics</h2>'
+            f'{_metrics_table(results["methods"])}'
+            '<p class="note">GAP: global average precision over all queries sorted by confidence '
+            '(distractors included; a distractor is never correct). GAP-: the same without '
+            'distractors. ACC: accuracy on queries of exhibits. K and t: the kNN classifier\'s '
+            'neighbours and temperature, tuned on held-out queries. Best value of each accuracy '
+            f'column in bold.</p>{notes_html}'
+            f'<details><summary>settings</summary><pre>{_esc(settings)}</pre></details></section>')
 
-    sections.append(
-        '<section id="metrics"><h2>Metrics</h2>'
-        f'{_metrics_table(methods)}'
-        '<p class="note">GAP: global average precision over all queries sorted by confidence '
-        '(distractors included; a distractor is never correct). GAP-: the same without '
-        'distractors. ACC: accuracy on queries of exhibits. K and t: the kNN classifier\'s '
-        'neighbours and temperature, tuned on held-out queries. Best value of each accuracy '
-        f'column in bold.</p>{notes_html}'
-        f'<details><summary>settings</summary><pre>{_esc(settings)}</pre></details></section>')
 
+def _precision_section(methods: Dict[str, dict], predictions: Dict[str, Optional[List[dict]]], out: Path) -> str:
+    """Precision versus confidence threshold and precision-recall, one line per method."""
     curves = {m: p for m, p in predictions.items() if p}
-    if curves:
-        name = f"{FIGURES_DIR}/precision-confidence.png"
-        width, height = plot_precision(curves, {m: methods[m].get("GAP") for m in curves},
-                                       out / name)
-        sections.append(
-            '<section id="precision"><h2>Precision versus confidence</h2>'
+    if not curves:
+        return ('<section id="precision"><h2>Precision versus confidence</h2>'
+                '<p class="empty">no per-query predictions</p></section>')
+    name = f"{FIGURES_DIR}/precision-confidence.png"
+    width, height = plot_precision(curves, {m: methods[m].get("GAP") for m in curves}, out / name)
+    return ('<section id="precision"><h2>Precision versus confidence</h2>'
             f'<div class="figures"><figure><img src="{quote(name)}" width="{width}" '
             f'height="{height}" alt="precision versus confidence per method">'
             f'<figcaption style="max-width:{width}px">Left: precision of the queries whose '
             'confidence is at least the threshold; a good classifier stays precise as the '
             'threshold drops, keeping distractors at low confidence. Right: precision-recall '
             'over the same ranking; its area is the GAP.</figcaption></figure></div></section>')
-    else:
-        sections.append('<section id="precision"><h2>Precision versus confidence</h2>'
-                        '<p class="empty">no per-query predictions</p></section>')
 
-    figures = []
+
+def _tuning_section(methods: Dict[str, dict], tuning: Dict[str, dict], out: Path) -> str:
+    """One K x t heatmap per method, all on one colour scale."""
     all_values = []
     for grid in tuning.values():
         try:
@@ -367,60 +382,54 @@ def write_report(work_dir: "str | Path", out: "str | Path | None" = None,
             continue
         all_values += values[np.isfinite(values)].tolist()
     shared_range = (min(all_values), max(all_values)) if all_values else None
+    figures = []
     for method, grid in tuning.items():
         name = f"{FIGURES_DIR}/tuning-{_slug(method)}.png"
         try:
-            width, height = plot_tuning(method, grid, methods.get(method, {}), out / name,
-                                        shared_range)
+            width, height = plot_tuning(method, grid, methods.get(method, {}), out / name, shared_range)
         except (ValueError, TypeError) as exc:
             logger.warning("report: no tuning heatmap for %s: %s", method, exc)
             continue
         figures.append(f'<figure><img src="{quote(name)}" width="{width}" height="{height}" '
                        f'alt="tuning heatmap of {_esc(method)}"></figure>')
-    sections.append('<section id="tuning"><h2>Tuning: GAP over K and t</h2>'
-                    + (f'<div class="figures">{"".join(figures)}</div><p class="note">GAP of '
-                       'the tuning queries for every K and t (averaged over folds under '
-                       'cross-tuning), on one colour scale for all methods; the setting chosen '
-                       '(per fold) is outlined in red.</p>' if figures else
-                       '<p class="empty">no tuning grids in results.json</p>') + '</section>')
+    if not figures:
+        return ('<section id="tuning"><h2>Tuning: GAP over K and t</h2>'
+                '<p class="empty">no tuning grids in results.json</p></section>')
+    return ('<section id="tuning"><h2>Tuning: GAP over K and t</h2>'
+            f'<div class="figures">{"".join(figures)}</div><p class="note">GAP of the tuning '
+            'queries for every K and t, at the best value of the method\'s other tuned parameters '
+            '(fusion weights) there (averaged over folds under cross-tuning), on one colour scale '
+            'for all methods; the setting chosen (per fold) is outlined in red.</p></section>')
 
+
+def _queries_section(methods: Dict[str, dict], predictions: Dict[str, Optional[List[dict]]],
+                     image_root: Optional[Path], out: Path, n_queries_shown: Optional[int]) -> str:
+    """A card per query (up to the limit): each method's verdict and top-5 matches."""
     query_keys: List[str] = []
-    seen = set()
     by_method: Dict[str, Dict[str, dict]] = {}
     for method, items in predictions.items():
         by_method[method] = {}
         for item in items or []:
             key = str(item.get("query"))
             by_method[method][key] = item
-            if key not in seen:
-                seen.add(key)
-                query_keys.append(key)
+            query_keys.append(key)
+    query_keys = list(dict.fromkeys(query_keys))
     limit = DEFAULT_QUERIES_SHOWN if n_queries_shown is None else max(0, int(n_queries_shown))
     shown = query_keys[:limit]
     thumbs = Thumbnails(image_root, out)
     exhibit_key = _find_database_labels(image_root)
     cards = [_query_card(key, {m: by_method[m].get(key) for m in methods}, thumbs, exhibit_key)
              for key in progress(shown, desc="report: queries", unit="query")]
-    counts = f"{len(shown)} of {len(query_keys)} queries" if len(shown) < len(query_keys) else \
-        f"all {len(query_keys)} queries"
-    sections.append(
-        f'<section id="queries"><h2>Queries</h2><p class="legend">Showing {_esc(counts)}. '
-        'Each row: a method\'s verdict, predicted exhibit and confidence, then its top-5 '
-        'database matches with scores; <span style="color:var(--ok)">green</span> border: '
-        'the query\'s exhibit, <span style="color:var(--bad)">red</span>: a wrongly predicted '
-        f'exhibit.</p>{"".join(cards)}</section>')
     if thumbs.missing:
         logger.warning("report: %d images not found under %s; shown as placeholders",
                        len(thumbs.missing), image_root)
-
-    page = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f'<title>{_esc(title)}</title><style>{CSS}</style></head><body>\n'
-            + "\n".join(sections) + "\n</body></html>\n")
-    index = out / "index.html"
-    with atomic_path(index) as tmp:
-        tmp.write_text(page, encoding="utf-8")
-    return index
+    counts = f"{len(shown)} of {len(query_keys)} queries" if len(shown) < len(query_keys) else \
+        f"all {len(query_keys)} queries"
+    return (f'<section id="queries"><h2>Queries</h2><p class="legend">Showing {_esc(counts)}. '
+            'Each row: a method\'s verdict, predicted exhibit and confidence, then its top-5 '
+            'database matches with scores; <span style="color:var(--ok)">green</span> border: '
+            'the query\'s exhibit, <span style="color:var(--bad)">red</span>: a wrongly predicted '
+            f'exhibit.</p>{"".join(cards)}</section>')
 
 
 write_report.__doc__ = write_report.__doc__.replace("{DEFAULT_QUERIES_SHOWN}",

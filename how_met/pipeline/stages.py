@@ -16,6 +16,24 @@ from ..features.store import FeatureStore
 from ..neighbours import Neighbours
 from ..utils import atomic_path, configured_threads, write_json
 
+# Settings whose change makes a stage's saved output stale: a work directory made with other
+# values is refused rather than silently resumed.
+RESUME_KEYS = ("extract", "checkpoint", "codebook", "codebook_size", "codebook_iterations",
+               "codebook_points_per_centroid", "multiple_assignment", "neighbours", "global_dims",
+               "rerank_shortlist", "seed")
+
+
+def record_settings(work: Path, settings: dict) -> None:
+    """Write ``work/settings.json``, refusing a work directory made with other RESUME_KEYS."""
+    path = work / "settings.json"
+    if path.exists():
+        previous = json.loads(path.read_text())
+        changed = [k for k in RESUME_KEYS if previous.get(k) != settings.get(k)]
+        if changed:
+            raise ValueError(f"{work}: was made with other settings ({', '.join(changed)}); "
+                             f"use a new --work directory")
+    write_json(path, settings)
+
 
 class Timings:
     """Stage timings persisted beside the results, so a resumed run still reports them."""
@@ -79,7 +97,7 @@ def stage_index(ds: Dataset, work: Path, features: Path, codebook, timings: Timi
     path = work / "index"
     if not path.exists():
         started = time.perf_counter()
-        build_index(features, codebook, path, keys=ds.db_keys)
+        build_index(features, codebook, keys=ds.db_keys).save(path)
         timings.set("index_build_s", time.perf_counter() - started)
     return InvertedFile.load(path)
 

@@ -1,5 +1,6 @@
-"""Fusion and its tuning: score-level fusion of two neighbour lists (global + ASMK) and the
-grid of reranking fusion weights (global, ASMK, inliers)."""
+"""Fusion and its tuning candidates: score-level fusion of two neighbour lists (global + ASMK)
+and the grid of reranking fusion weights (global, ASMK, inliers), both tuned by the one
+protocol (``how_met.recognition.protocol``)."""
 from __future__ import annotations
 
 from itertools import product
@@ -8,8 +9,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..verify.scores import FusionWeights, ShortlistScores
-from .knn import DEFAULT_KS, DEFAULT_TS, NeighbourClasses, check_grid, count_classes, gap_grid, neighbour_classes
-from .protocol import cross_tune_candidates, tune
+from .knn import DEFAULT_KS, DEFAULT_TS, count_classes, neighbour_classes
+from .protocol import Candidate, choose, cross_tune_candidates
 
 def fuse_neighbours(indices_a, scores_a, indices_b, scores_b, weight: float, k: Optional[int] = None
                     ) -> Tuple[np.ndarray, np.ndarray]:
@@ -63,12 +64,14 @@ def fuse_neighbours(indices_a, scores_a, indices_b, scores_b, weight: float, k: 
     return out_idx, out_scores.astype(np.float32)
 
 
-def _fusion_candidates(a, b, db_labels, weights, k) -> List[Tuple[dict, NeighbourClasses]]:
+DEFAULT_WEIGHTS: Tuple[float, ...] = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
+
+
+def fusion_candidates(a: Tuple[np.ndarray, np.ndarray], b: Tuple[np.ndarray, np.ndarray], db_labels,
+                      weights: Sequence[float] = DEFAULT_WEIGHTS, k: Optional[int] = None) -> List[Candidate]:
+    """Tuning candidates of score-level fusion: per weight, the fused lists of a and b."""
     return [({"weight": float(w)}, neighbour_classes(*fuse_neighbours(a[0], a[1], b[0], b[1], w, k), db_labels))
             for w in weights]
-
-
-DEFAULT_WEIGHTS: Tuple[float, ...] = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
 
 
 def tune_fusion(a: Tuple[np.ndarray, np.ndarray], b: Tuple[np.ndarray, np.ndarray], db_labels, query_labels,
@@ -78,12 +81,8 @@ def tune_fusion(a: Tuple[np.ndarray, np.ndarray], b: Tuple[np.ndarray, np.ndarra
     """Tune the fusion weight of list ``a`` = (indices, scores) against ``b`` jointly with
     (K, t) by GAP. Returns ``((weight, K, t), grid)`` with grid shape (len(weights), len(Ks), len(ts))."""
     n_classes = count_classes(db_labels) if n_classes is None else int(n_classes)
-    candidates = _fusion_candidates(a, b, db_labels, weights, k)
-    query_labels, Ks, ts_arr = check_grid(query_labels, len(candidates[0][1].labels), Ks, ts,
-                                           candidates[0][1].labels.shape[1])
-    grid = np.stack([gap_grid(c, query_labels, n_classes, Ks, ts_arr) for _, c in candidates])
-    wi, ki, ti = np.unravel_index(int(np.argmax(grid)), grid.shape)
-    return (float(weights[wi]), Ks[ki], float(ts_arr[ti])), grid
+    choice = choose(fusion_candidates(a, b, db_labels, weights, k), query_labels, n_classes, Ks=Ks, ts=ts)
+    return (choice.params["weight"], choice.K, choice.t), choice.grids
 
 
 def cross_tune_fusion(a: Tuple[np.ndarray, np.ndarray], b: Tuple[np.ndarray, np.ndarray], db_labels, query_labels,
@@ -93,8 +92,8 @@ def cross_tune_fusion(a: Tuple[np.ndarray, np.ndarray], b: Tuple[np.ndarray, np.
     """``cross_tune`` for score-level fusion: (weight, K, t) tuned together on the tuning
     folds; each per-fold entry also has "weight", and its "grid" is (weights, Ks, ts)."""
     n_classes = count_classes(db_labels) if n_classes is None else int(n_classes)
-    return cross_tune_candidates(_fusion_candidates(a, b, db_labels, weights, k), query_labels, n_classes,
-                       Ks, ts, folds, seed)
+    return cross_tune_candidates(fusion_candidates(a, b, db_labels, weights, k), query_labels, n_classes,
+                                 Ks, ts, folds, seed)
 
 
 DEFAULT_FUSION_GRID: Dict[str, Tuple[float, ...]] = {
@@ -125,31 +124,26 @@ def tune_fusion_weights(scores: ShortlistScores, db_labels=None, query_labels=No
                         objective: Optional[Callable[..., float]] = None,
                         grid: Optional[Dict[str, Sequence[float]]] = None, n_classes: Optional[int] = None,
                         min_inliers: int = 4) -> dict:
-    """Grid-search the fusion weights on validation queries.
+    """Grid-search the rerank fusion weights on validation queries.
 
     With ``db_labels`` (class of every database image) and ``query_labels`` (-1 = distractor),
-    each grid point is scored by the best GAP of the kNN classifier over its (K, t) grid
-    (``how_met.recognition.protocol.tune``), so weights, K and t are chosen together. Otherwise ``objective``
-    (a callable taking the fused ``Neighbours`` and returning a value to maximise) is used.
-    Returns ``{"weights": FusionWeights, "value": best objective, "K", "t" (kNN only),
-    "grid": [(weights dict, value), ...]}``; the first best grid point wins.
+    weights, K and t are chosen together by the kNN classifier's GAP (``protocol.choose``).
+    Otherwise ``objective`` (a callable taking the fused ``Neighbours`` and returning a value to
+    maximise) scores each grid point. Returns ``{"weights": FusionWeights, "value": best
+    objective, "K", "t" (kNN only), "grid": [(weights dict, value), ...]}``; the first best
+    grid point wins.
     """
-    candidates = fusion_grid(grid, min_inliers)
-    use_knn = objective is None
-    if use_knn:
-        if db_labels is None or query_labels is None:
-            raise ValueError("tune_fusion_weights needs db_labels and query_labels, or an objective")
-    best, table = None, []
-    for weights in candidates:
-        if use_knn:
-            fused = scores.fused(weights)
-            (K, t), gap_grid = tune(scores.indices, fused, db_labels, query_labels, n_classes)
-            value, extra = float(gap_grid.max()), {"K": K, "t": t}
-        else:
-            value, extra = float(objective(scores.fuse(weights))), {}
-        table.append((weights.as_dict(), value))
-        if best is None or value > best["value"]:
-            best = {"weights": weights, "value": value, **extra}
-    best["grid"] = table
-    return best
-
+    weights = fusion_grid(grid, min_inliers)
+    if objective is not None:
+        values = [float(objective(scores.fuse(w))) for w in weights]
+        best = int(np.argmax(values))
+        return {"weights": weights[best], "value": values[best],
+                "grid": [(w.as_dict(), v) for w, v in zip(weights, values)]}
+    if db_labels is None or query_labels is None:
+        raise ValueError("tune_fusion_weights needs db_labels and query_labels, or an objective")
+    n_classes = count_classes(db_labels) if n_classes is None else int(n_classes)
+    candidates = [(w.as_dict(), neighbour_classes(scores.indices, scores.fused(w), db_labels)) for w in weights]
+    choice = choose(candidates, query_labels, n_classes)
+    values = choice.grids.max(axis=(1, 2))
+    return {"weights": weights[choice.candidate], "value": choice.value, "K": choice.K, "t": choice.t,
+            "grid": [(w.as_dict(), float(v)) for w, v in zip(weights, values)]}

@@ -6,7 +6,7 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
-from ..features.whitening import l2_normalise
+from ..utils import l2_normalise
 
 
 def global_search(db_desc, q_desc, k: int, batch_size: int = 4096) -> Tuple[np.ndarray, np.ndarray]:

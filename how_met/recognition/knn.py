@@ -153,7 +153,7 @@ def predict_log_odds(classes: NeighbourClasses, K: int, ts: np.ndarray, n_classe
     return pred, log_odds
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
+def sigmoid(x: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):
         positive = x >= 0
         out = np.empty_like(x, dtype=np.float64)
@@ -168,7 +168,7 @@ def knn_predict(indices, scores, db_labels, K: int, t: float, n_classes: Optiona
     n_classes = count_classes(db_labels) if n_classes is None else int(n_classes)
     classes = neighbour_classes(indices, scores, db_labels)
     pred, log_odds = predict_log_odds(classes, K, check_ts([t]), n_classes)
-    return KnnPredictions(pred, _sigmoid(log_odds[0]), log_odds[0])
+    return KnnPredictions(pred, sigmoid(log_odds[0]), log_odds[0])
 
 
 def evaluate_knn(indices, scores, db_labels, query_labels, K: int, t: float,

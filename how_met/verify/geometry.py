@@ -263,7 +263,7 @@ class RansacResult:
     hypotheses: int
 
 
-def _count_one_to_one(mask: np.ndarray, src_ids: np.ndarray, dst_ids: np.ndarray) -> int:
+def count_one_to_one(mask: np.ndarray, src_ids: np.ndarray, dst_ids: np.ndarray) -> int:
     """Inliers counted so that one query or database feature is never counted twice."""
     if not mask.any():
         return 0
@@ -366,5 +366,5 @@ def ransac(src: np.ndarray, dst: np.ndarray, threshold: Union[float, np.ndarray]
     if best_H is None:
         return RansacResult(None, np.zeros(n, bool), 0, tried)
     best_H = best_H / best_H[2, 2] if abs(best_H[2, 2]) > 1e-12 else best_H
-    return RansacResult(best_H, best_mask, _count_one_to_one(best_mask, src_ids, dst_ids), tried)
+    return RansacResult(best_H, best_mask, count_one_to_one(best_mask, src_ids, dst_ids), tried)
 

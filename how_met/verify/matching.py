@@ -8,11 +8,6 @@ from typing import Tuple
 import numba
 import numpy as np
 
-def _l2_normalise(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 @numba.njit(cache=True, nogil=True)
 def _row_and_column_argmax(sim):
     """argmax of every row and every column of a C-ordered matrix in one pass over memory

@@ -44,17 +44,19 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..asmk.aggregation import aggregate
+from ..asmk.aggregation import quantise_and_aggregate
+from ..asmk.codebook import load_codebook
 from ..asmk.codes import DEFAULT_ALPHA, DEFAULT_TAU, hamming, kernel_table
+from ..asmk.inverted_file import load_index
 from ..features.settings import check_model
 from ..features.store import LocalFeatures, open_store
+from ..utils import l2_normalise
 from .geometry import MODELS, RansacResult, ransac
-from .matching import _l2_normalise, mutual_nearest_neighbours, scale_consistent, shared_word_matches
+from .matching import mutual_nearest_neighbours, scale_consistent, shared_word_matches
 from .scores import FusionWeights, fuse_scores
 
 logger = logging.getLogger(__name__)
@@ -159,10 +161,10 @@ class Reranker:
                  use_idf: bool = False, idf: Optional[np.ndarray] = None, index=None,
                  spatial: Optional[SpatialParams] = None, weights: Optional["FusionWeights"] = None,
                  cache_mb: float = 512.0):
-        self.codebook = _load_codebook(codebook)
-        self.centroids = np.ascontiguousarray(_centroids(self.codebook), np.float32)
+        self.codebook = load_codebook(codebook)
+        self.centroids = self.codebook.centroids
         if index is not None:
-            index = _load_index(index, self.codebook)
+            index = load_index(index, self.codebook)
             if not index.binary:
                 raise ValueError(f"{index.path or 'the inverted file'}: the reranker scores binary "
                                  f"ASMK; this index holds float residuals")
@@ -219,14 +221,13 @@ class Reranker:
         if desc.ndim != 2 or desc.shape[1] != self.centroids.shape[1]:
             raise ValueError(f"{name}: descriptors {desc.shape} do not match the codebook's "
                              f"dimension {self.centroids.shape[1]}")
-        words = _assign(self.codebook, desc, min(k, len(self.centroids)))
-        aggregated = aggregate(desc, words, self.centroids)  # sorted by word (one image)
+        words, aggregated = quantise_and_aggregate(self.codebook, [desc], k)  # sorted by word
         zoom = np.asarray(feats.image_size, np.float64) / np.asarray(feats.input_size, np.float64)
         cells = self.stride / np.asarray(feats.scales, np.float64) * float(zoom.mean())
         return _ImageData(words=aggregated.words, codes=aggregated.vectors,
                           keypoints=np.asarray(feats.keypoints(self.stride), np.float64),
                           cells=cells, diagonal=float(np.hypot(*feats.image_size)),
-                          unit_descriptors=_l2_normalise(desc),
+                          unit_descriptors=l2_normalise(desc),
                           feature_words=np.ascontiguousarray(words.reshape(len(desc), -1)))
 
     def prepare_query(self, query: LocalFeatures, name: str = "query") -> _ImageData:
@@ -347,38 +348,3 @@ class Reranker:
         fused = fuse_scores(glob, asmk, inliers, weights or self.weights)
         order = np.argsort(-fused, kind="stable")
         return [(candidate_keys[i], float(fused[i]), details[i]) for i in order]
-
-
-def _load_codebook(codebook):
-    if isinstance(codebook, (str, Path)):
-        from ..asmk.codebook import Codebook
-        return Codebook.load(codebook)
-    return codebook
-
-
-def _load_index(index, codebook):
-    if isinstance(index, (str, Path)):
-        from ..asmk.inverted_file import InvertedFile
-        index = InvertedFile.load(index, mmap=True)
-    fingerprint = getattr(codebook, "fingerprint", None)
-    if index.codebook_fingerprint and fingerprint and index.codebook_fingerprint != fingerprint:
-        raise ValueError(f"{index.path or 'the inverted file'}: was built with another codebook "
-                         f"(fingerprint {index.codebook_fingerprint}, given {fingerprint})")
-    return index
-
-
-def _centroids(codebook) -> np.ndarray:
-    for name in ("centroids", "centers", "centres"):
-        value = getattr(codebook, name, None)
-        if value is not None:
-            return np.asarray(value)
-    raise TypeError(f"codebook {type(codebook).__name__} has no centroids")
-
-
-def _assign(codebook, descriptors: np.ndarray, k: int) -> np.ndarray:
-    """(n, k) int64 nearest visual words of each descriptor (codebook.assign may also return distances)."""
-    words = codebook.assign(descriptors, k)
-    if isinstance(words, tuple):
-        words = words[0]
-    return np.asarray(words, np.int64).reshape(len(descriptors), -1)
-

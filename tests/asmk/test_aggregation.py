@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from how_met.asmk import aggregation
+from how_met.utils import l2_normalise
 from how_met.asmk import codes as sign_codes
 
 
@@ -102,7 +103,7 @@ def test_aggregate_non_binary_is_unit_length():
     desc = rng.normal(size=(20, 16)).astype(np.float32)
     agg = aggregation.aggregate(desc, rng.integers(0, 5, 20), centroids, binary=False)
     np.testing.assert_allclose(np.linalg.norm(agg.vectors, axis=1), 1.0, rtol=1e-5)
-    assert aggregation.l2_normalize(np.zeros((1, 3))).tolist() == [[0.0, 0.0, 0.0]]
+    assert l2_normalise(np.zeros((1, 3))).tolist() == [[0.0, 0.0, 0.0]]
     binary = aggregation.aggregate(desc, rng.integers(0, 5, 20), centroids)
     assert binary.vectors.dtype == np.uint64 and len(binary) == len(binary.words)
 
@@ -136,3 +137,15 @@ def test_a_residual_sum_within_rounding_of_zero_is_zero():
     assert sums[0, 0] == np.sum(desc[:, 0] - offset[0, 0]) and (np.sign(sums[0, 1:]) == signs[1:]).all()
     single, _, _ = aggregation.residual_sums(desc[:1], words[:1], centroid)
     np.testing.assert_array_equal(single[0], desc[0] - centroid[0])
+
+
+def test_popcount_without_numpy_2(monkeypatch):
+    """NumPy 1.x has no np.bitwise_count (setup.cfg allows numpy>=1.24): the byte-wise count
+    must give the same Hamming distances."""
+    rng = np.random.default_rng(5)
+    a, b = (rng.integers(0, 2 ** 63, size=(40, 2), dtype=np.uint64) * 2 + 1 for _ in range(2))
+    reference = np.array([[bin(int(v)).count("1") for v in row] for row in a ^ b])
+    monkeypatch.delattr(np, "bitwise_count", raising=False)
+    assert sign_codes.popcount(a ^ b).tolist() == reference.tolist()
+    assert sign_codes.hamming(a, b).tolist() == reference.sum(axis=1).tolist()
+    assert sign_codes.popcount(np.uint64(2 ** 64 - 1)) == 64

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from how_met.asmk.aggregation import aggregate
+from how_met.asmk.aggregation import Aggregated, aggregate
 from how_met.asmk.codes import binarize
 from how_met.asmk.codebook import Codebook
 from how_met.features.store import FeatureStore, LocalFeatures
@@ -80,7 +80,7 @@ def build(cb, db, binary=True, use_idf=False, keys=None, batches=1):
             desc = np.concatenate(descs)
             agg = aggregate(desc, cb.assign(desc, 1), cb.centroids,
                                  np.repeat(np.arange(len(part)), [len(d) for d in descs]), binary=binary)
-            ivf.add_aggregated([keys[i] for i in part], agg)
+            ivf.add([keys[i] for i in part], agg)
     return ivf
 
 
@@ -88,7 +88,7 @@ def search(ivf, cb, queries, k=10, ma=3, **kw):
     desc = np.concatenate(queries)
     agg = aggregate(desc, cb.assign(desc, ma), cb.centroids,
                          np.repeat(np.arange(len(queries)), [len(q) for q in queries]), binary=ivf.binary)
-    return ivf.search_aggregated(agg, k=k, query_keys=[f"q{i}" for i in range(len(queries))], **kw)
+    return ivf.search(agg, k=k, query_keys=[f"q{i}" for i in range(len(queries))], **kw)
 
 
 def assert_same_results(a, b):
@@ -134,8 +134,8 @@ def test_ties_are_broken_by_database_order():
     ivf = InvertedFile(4, 128)
     code = binarize(np.ones((1, 128)))
     for key in ["c", "a", "b"]:  # three identical images
-        ivf.add([key], code, [2], [0])
-    result = ivf.search(code, [2], [0], k=3, query_keys=["q"])
+        ivf.add([key], Aggregated(code, [2], [0]))
+    result = ivf.search(Aggregated(code, [2], [0]), k=3, query_keys=["q"])
     assert [key for key, _ in result.top("q")] == ["c", "a", "b"]
     assert [s for _, s in result.top("q")] == [1.0, 1.0, 1.0]
 
@@ -143,8 +143,8 @@ def test_ties_are_broken_by_database_order():
 def test_query_word_absent_from_database_counts_in_its_norm():
     ivf = InvertedFile(4, 128)
     code = binarize(np.ones((1, 128)))
-    ivf.add(["a"], code, [0], [0])
-    result = ivf.search(np.repeat(code, 4, 0), [0, 1, 2, 3], [0, 0, 0, 0], k=1)
+    ivf.add(["a"], Aggregated(code, [0], [0]))
+    result = ivf.search(Aggregated(np.repeat(code, 4, 0), [0, 1, 2, 3], [0, 0, 0, 0]), k=1)
     assert result.scores[0, 0] == pytest.approx(1 / math.sqrt(4))
 
 
@@ -173,9 +173,9 @@ def test_batched_add_remove_compact_equal_a_fresh_build(use_idf):
     # re-adding a removed key after compact works; adding a present key does not
     desc = db[1]
     agg = aggregate(desc, cb.assign(desc, 1), cb.centroids)
-    many.add_aggregated([keys[1]], agg)
+    many.add([keys[1]], agg)
     with pytest.raises(ValueError, match="already in the index"):
-        many.add_aggregated([keys[1]], agg)
+        many.add([keys[1]], agg)
     with pytest.raises(KeyError):
         many.remove("db/unknown")
     assert many.remove(["db/unknown"], missing_ok=True) == 0
@@ -185,11 +185,11 @@ def test_add_validates_its_input():
     ivf = InvertedFile(8, 128)
     code = binarize(np.ones((2, 128)))
     with pytest.raises(ValueError, match="two aggregated vectors"):
-        ivf.add(["a"], code, [3, 3], [0, 0])
+        ivf.add(["a"], Aggregated(code, [3, 3], [0, 0]))
     with pytest.raises(ValueError, match="word ids"):
-        ivf.add(["a"], code, [3, 8], [0, 0])
+        ivf.add(["a"], Aggregated(code, [3, 8], [0, 0]))
     with pytest.raises(ValueError, match="not"):
-        ivf.add(["a"], np.zeros((2, 128), np.float32), [3, 4], [0, 0])
+        ivf.add(["a"], Aggregated(np.zeros((2, 128), np.float32), [3, 4], [0, 0]))
     assert len(ivf) == 0
 
 
@@ -208,7 +208,7 @@ def test_save_load_round_trip(tmp_path, name, mmap):
         assert isinstance(back._vectors, np.memmap)
     assert_same_results(search(back, cb, queries), expected)
     # a loaded (memory-mapped) index takes appends and removals; saving over itself is safe
-    back.add_aggregated(["db/new"], aggregate(db[0], cb.assign(db[0], 1), cb.centroids))
+    back.add(["db/new"], aggregate(db[0], cb.assign(db[0], 1), cb.centroids))
     back.remove(["db/5"])
     back.save(path)
     again = InvertedFile.load(path)
@@ -306,8 +306,7 @@ def test_build_index_and_append_via_cli(tmp_path, capsys):
     assert main(["index", "--features", str(second), "--codebook", str(cb_path), "--out", str(out),
                  "--append"]) == 0
     appended = InvertedFile.load(out)
-    direct = build_index(write_store(tmp_path / "all.h5", db, keys), cb, tmp_path / "direct.h5", batch_size=7,
-                         show_progress=False)
+    direct = build_index(write_store(tmp_path / "all.h5", db, keys), cb, batch_size=7, show_progress=False)
     assert sorted(appended.keys) == sorted(direct.keys)
     assert_same_results(search(appended, cb, queries), search(direct, cb, queries))
     # another codebook is refused

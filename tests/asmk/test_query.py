@@ -49,7 +49,7 @@ def museum(tmp_path_factory):
     db_path = write_store(tmp / "db.h5", db, [f"db/{i}.jpg" for i in range(40)])
     q_path = write_store(tmp / "q.h5", queries, q_keys)
     index = tmp / "index"
-    build_index(db_path, cb_path, index, show_progress=False)
+    build_index(db_path, cb_path, show_progress=False).save(index)
     return {"tmp": tmp, "cb": cb_path, "db": db_path, "queries": q_path, "index": index, "truth": truth,
             "q_arrays": queries, "q_keys": q_keys}
 
@@ -175,7 +175,7 @@ def test_museum_true_painting_ranks_first(tmp_path_factory, museum_dir, museum_p
                      model=whitened_model, workers=0)
     codebook = Codebook(size=256, seed=0).train(db_store, show_progress=False)
     codebook.save(tmp / "cb.npz")
-    build_index(db_store, codebook, tmp / "index", show_progress=False)
+    build_index(db_store, codebook, show_progress=False).save(tmp / "index")
     # the model file carries the whitening; extraction settings come from what the index recorded
     save_model(whitened_model, tmp / "model.pt")
     (tmp / "queries.txt").write_text("\n".join(q for q, _ in pairs))

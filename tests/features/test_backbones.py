@@ -7,13 +7,13 @@ import torchvision
 from how_met.features.backbones import build_trunk
 from how_met.features.checkpoints import load_model, save_model
 from how_met.features.network import HOWNet, ModelConfig
+from how_met.pipeline.photos import skimage_photo
 from reference_port import write_official_checkpoint
 
 
 def _cat_batch(size=224):
-    skimage_data = pytest.importorskip("skimage.data")
     from PIL import Image
-    img = Image.fromarray(skimage_data.chelsea()).resize((size, size), Image.BILINEAR)
+    img = Image.fromarray(skimage_photo("chelsea")).resize((size, size), Image.BILINEAR)
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None]
 
 
@@ -112,3 +112,14 @@ def test_building_a_trunk_keeps_the_imagenet_statistics(layer):
     trunk = build_trunk("efficientnet-lite0", layer)
     for key, value in trunk.net.state_dict().items():
         assert torch.equal(value, shipped[key]), key
+
+
+def test_model_config_default_is_not_shared():
+    """HOWNet() builds its own default ModelConfig instead of sharing one instance created
+    when the class was defined (a mutable default argument)."""
+    import inspect
+    assert inspect.signature(HOWNet).parameters["config"].default is None
+    config = ModelConfig(dim=32)
+    assert HOWNet(config, imagenet=False).config.dim == 32
+    net = HOWNet(imagenet=False)
+    assert net.config == ModelConfig().resolved() and net.config is not HOWNet(imagenet=False).config

@@ -186,3 +186,4 @@ def test_bad_images_skip_or_fail(tmp_path, whitened_model):
     assert stats["extracted"] == 1
     with FeatureStore(tmp_path / "b.h5") as store:
         assert store.keys() == ["good.jpg"]
+

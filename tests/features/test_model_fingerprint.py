@@ -43,7 +43,7 @@ def trap(tmp_path_factory, museum_dir, museum_pairs):
     codebook = Codebook(size=64, seed=0).train(tmp / "db" / "db.h5", show_progress=False)
     codebook.save(tmp / "cb.npz")
     Codebook(size=64, seed=0).train(tmp / "own.h5", show_progress=False).save(tmp / "cb-own.npz")
-    build_index(tmp / "db" / "db.h5", tmp / "cb.npz", tmp / "index", show_progress=False)
+    build_index(tmp / "db" / "db.h5", tmp / "cb.npz", show_progress=False).save(tmp / "index")
     return {"tmp": tmp, "pairs": pairs, "db": tmp / "db" / "db.h5", "own": tmp / "own.h5",
             "like": tmp / "like.h5", "cb": tmp / "cb.npz", "cb_own": tmp / "cb-own.npz",
             "index": tmp / "index"}
@@ -93,7 +93,7 @@ def test_two_whitenings_are_refused_by_every_consumer(trap):
         query_store(trap["index"], trap["cb"], trap["own"], show_progress=False)
     _one_line(error, trap["own"], trap["index"])
     with pytest.raises(ModelMismatchError) as error:
-        build_index(trap["db"], trap["cb_own"], trap["tmp"] / "index-own", show_progress=False)
+        build_index(trap["db"], trap["cb_own"], show_progress=False)
     _one_line(error, trap["db"], trap["cb_own"])
     with Reranker(trap["db"], trap["cb"]) as reranker:
         shortlist = query_store(trap["index"], trap["cb"], trap["like"], k=3, show_progress=False)

@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 
 from how_met.datasets import load_met
+from how_met.neighbours import Neighbours
+from how_met.recognition.knn import DEFAULT_KS, DEFAULT_TS, evaluate_knn
 from how_met.pipeline.evaluate import mean_std, run_evaluation
 from how_met.asmk.settings import auto_codebook_size
-from how_met.pipeline.settings import QUICK_SETTINGS
-from how_met.pipeline.stages import load_rerank_scores
+from how_met.pipeline.settings import DEFAULT_SETTINGS, QUICK_SETTINGS
+from how_met.pipeline.stages import aligned, load_rerank_scores, record_settings
 from met_fixture import write_met_fixture
 
 FAST = {**QUICK_SETTINGS, "extract": {**QUICK_SETTINGS["extract"], "image_size": 224,
@@ -17,7 +19,8 @@ FAST = {**QUICK_SETTINGS, "extract": {**QUICK_SETTINGS["extract"], "image_size":
 
 
 def test_met_fixture_evaluates_val_to_test(tmp_path):
-    info = write_met_fixture(tmp_path / "met", n_classes=4, n_db_only_classes=2)
+    # enough classes and distractors that (K, t) matter: the val grid is not flat
+    info = write_met_fixture(tmp_path / "met", n_classes=8, n_db_only_classes=2, distractors_per_split=6)
     ds = load_met(tmp_path / "met")
     results = run_evaluation(work_dir=tmp_path / "work", settings=FAST, dataset=ds)
     assert results["protocol"] == "val -> test"
@@ -29,6 +32,20 @@ def test_met_fixture_evaluates_val_to_test(tmp_path):
     predictions = json.loads((tmp_path / "work" / "predictions" / "how-asmk.json").read_text())
     assert len(predictions) == info["test_queries"]  # distractors included
     assert (tmp_path / "work" / "results.md").read_text().startswith("Dataset")
+    # Tuned on val: the (K, t) of the best val GAP of an exhaustive search, measured on test.
+    val, test = ds.query_splits["val"], ds.query_splits["test"]
+    assert np.ptp(results["tuning"]["global"]["GAP"]) > 0
+    for name in ("global", "how-asmk"):
+        indices, scores = aligned(Neighbours.load(tmp_path / "work" / "neighbours" / f"{name}.h5"), ds)
+        grid = np.array([[evaluate_knn(indices[val], scores[val], ds.db_labels, ds.query_labels[val], K, t,
+                                       ds.n_classes)["GAP"] for t in DEFAULT_TS] for K in DEFAULT_KS])
+        ki, ti = np.unravel_index(int(np.argmax(grid)), grid.shape)
+        m = results["methods"][name]
+        assert (m["K"], m["t"]) == (DEFAULT_KS[ki], DEFAULT_TS[ti]), name
+        assert np.round(100 * grid, 2).tolist() == results["tuning"][name]["GAP"]
+        expected = evaluate_knn(indices[test], scores[test], ds.db_labels, ds.query_labels[test],
+                                m["K"], m["t"], ds.n_classes)
+        assert m["GAP"] == round(100 * expected["GAP"], 2) and m["ACC"] == round(100 * expected["ACC"], 2)
 
 
 def test_repeats_rerun_the_codebook_seed_on_the_same_features(tmp_path, monkeypatch):
@@ -123,3 +140,12 @@ def test_museum_end_to_end_and_resume(tmp_path, museum_dir, monkeypatch):
     again = run_evaluation(museum_dir, tmp_path / "w", settings=QUICK_SETTINGS, cv=2)
     for name in gap:
         assert again["methods"][name]["GAP"] == results["methods"][name]["GAP"]
+
+
+def test_a_changed_rerank_shortlist_needs_a_new_work_dir(tmp_path):
+    """The global+rerank scores saved in a work directory depend on the shortlist length: a run
+    with another rerank_shortlist must not resume them."""
+    record_settings(tmp_path, DEFAULT_SETTINGS)
+    record_settings(tmp_path, DEFAULT_SETTINGS)  # the same settings resume
+    with pytest.raises(ValueError, match="other settings.*rerank_shortlist"):
+        record_settings(tmp_path, {**DEFAULT_SETTINGS, "rerank_shortlist": 50})

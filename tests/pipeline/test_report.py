@@ -16,6 +16,7 @@ from PIL import Image
 
 from how_met import cli
 from how_met.pipeline.figures import precision_curve
+from how_met.pipeline.photos import skimage_photo
 from how_met.pipeline.report import METRIC_COLUMNS, format_metric, write_report
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists()
@@ -27,9 +28,7 @@ TS = [0.01, 0.1, 1, 5, 10, 15, 20, 25, 30, 50, 100, 500]
 
 
 def _sample_pictures():
-    import skimage.data
-    pictures = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(),
-                skimage.data.rocket(), np.stack([skimage.data.camera()] * 3, axis=2)]
+    pictures = [skimage_photo(name) for name in ("astronaut", "coffee", "chelsea", "rocket", "camera")]
     crops = []
     for picture in pictures:
         h, w = picture.shape[:2]

@@ -9,7 +9,7 @@ from how_met.asmk.indexing import build_index
 from how_met.asmk.query import query_descriptors
 from how_met.features.store import FeatureStore, LocalFeatures
 from how_met.recognition.fusion import tune_fusion_weights
-from how_met.verify.geometry import fit_model, ransac
+from how_met.verify.geometry import count_one_to_one, fit_model, ransac
 from how_met.verify.matching import mutual_nearest_neighbours, scale_consistent, shared_word_matches
 from how_met.verify.reranker import Reranker, SpatialParams
 from how_met.verify.scores import FusionWeights, ShortlistScores, fuse_scores, inlier_term
@@ -123,6 +123,38 @@ def test_correspondence_matchers():
     assert np.allclose(sim, 1.0)
 
 
+def test_shared_word_matches_skip_bursty_words():
+    """A word holding more than max_per_word database features is skipped: query feature 0
+    matches database feature 0 exactly, but through word 7, which 5 database features share;
+    query feature 1 matches database feature 5 through word 3 (2 features)."""
+    unit = np.eye(8, dtype=np.float32)
+    q_words, q_desc = np.array([[7], [3]]), unit[[0, 1]]
+    d_words = np.array([7, 7, 7, 7, 7, 3, 3])
+    d_desc = unit[[0, 2, 3, 4, 5, 1, 6]]
+    qi, di, _ = shared_word_matches(q_words, d_words, q_desc, d_desc, max_per_word=4)
+    assert list(zip(qi.tolist(), di.tolist())) == [(1, 5)]
+    qi, di, _ = shared_word_matches(q_words, d_words, q_desc, d_desc, max_per_word=5)
+    assert sorted(zip(qi.tolist(), di.tolist())) == [(0, 0), (1, 5)]
+
+
+def test_inliers_are_counted_one_to_one():
+    """A feature matched twice counts once: 150 true pairs, plus 10 pairs that reuse a true
+    pair's query feature and 10 that reuse a true pair's database feature, each with a new
+    partner 0.3 px away. All 170 pairs fit the model; 160 distinct features on either side."""
+    H = _true_homography()
+    src, dst, truth = _planar_scene(H, n_out=0)
+    ids = np.arange(len(src))
+    first, second = ids[:10], ids[10:20]
+    src_all = np.concatenate([src, src[first], src[second]])
+    dst_all = np.concatenate([dst, dst[first] + 0.3, dst[second] + 0.3])
+    src_ids = np.concatenate([ids, first, 2000 + second])    # query feature reused / new
+    dst_ids = np.concatenate([ids, 1000 + first, second])    # database feature new / reused
+    result = ransac(src_all, dst_all, 3.0, "homography", seed=0, src_ids=src_ids, dst_ids=dst_ids)
+    assert result.inlier_mask.sum() == 170
+    assert result.inliers == 160
+    assert count_one_to_one(np.ones(4, bool), np.array([0, 0, 1, 2]), np.array([5, 6, 7, 7])) == 3
+
+
 # ---- the reranker on synthetic feature stores ------------------------------------------------
 
 def _features(keypoints, scales, desc, image_size=IMAGE):
@@ -228,8 +260,7 @@ def test_reranker_asmk_score_is_the_asmk_formula(scene):
 
 @pytest.mark.parametrize("use_idf", [False, True])
 def test_reranker_asmk_score_equals_inverted_file_search(scene, tmp_path, use_idf):
-    index = build_index(scene["path"], scene["codebook"], tmp_path / "ivf", use_idf=use_idf,
-                        show_progress=False)
+    index = build_index(scene["path"], scene["codebook"], use_idf=use_idf, show_progress=False)
     found = query_descriptors(index, scene["codebook"], [scene["query"].descriptors], k=len(scene["keys"]),
                               multiple_assignment=3)
     by_key = dict(found.top(found.query_keys[0]))

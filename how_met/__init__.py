@@ -19,6 +19,7 @@ _EXPORTS = {
     "save_model": "features.checkpoints",
     "PCAWhitening": "features.whitening",
     "extract_to_store": "features.extract", "learn_whitening": "features.extract",
+    "model_of_store": "features.extract", "model_fingerprint": "features.network",
     "Codebook": "asmk.codebook", "train_codebook": "asmk.codebook",
     "quantise_and_aggregate": "asmk.aggregation",
     "InvertedFile": "asmk.inverted_file", "build_index": "asmk.indexing",
@@ -29,6 +30,7 @@ _EXPORTS = {
     "rerank_neighbours": "verify.scores",
     "global_neighbours": "recognition.global_search",
     "knn_predict": "recognition.knn", "evaluate_predictions": "recognition.metrics",
+    "Recogniser": "recognition.recogniser", "build_recogniser": "recognition.recogniser",
     "run_evaluation": "pipeline.evaluate", "query_images": "pipeline.query",
     "write_report": "pipeline.report", "run_demo": "pipeline.demo",
 }

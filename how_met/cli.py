@@ -19,9 +19,9 @@ from .pipeline import settings as pipeline_settings
 from .utils import configure_threads, setup_logging
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows an option's default in ``--help`` when it has one worth saying (not for flags, not
-    None)."""
+    None), and the example of each command as written."""
 
     def _get_help_string(self, action):
         if action.nargs == 0 or action.default is None or action.default is argparse.SUPPRESS:
@@ -68,7 +68,8 @@ def _add_extractor_options(p: argparse.ArgumentParser, config_default=feature_se
     p.add_argument("--config", default=config_default, choices=sorted(feature_settings.CONFIGS),
                    help="named extraction config")
     p.add_argument("--checkpoint", help="HOW checkpoint or how-met model file (path or URL)")
-    p.add_argument("--backbone", help="override the config's backbone")
+    p.add_argument("--backbone", choices=sorted(feature_settings.BACKBONES), metavar="NAME",
+                   help=f"override the config's backbone: {', '.join(feature_settings.BACKBONES)}")
     p.add_argument("--layer", help="trunk layer for local features (e.g. blocks.11.expand, head)")
     p.add_argument("--scales", type=_floats, help="comma-separated scales, e.g. 1,0.707,0.5")
     p.add_argument("--features-num", type=int, help="local features kept per image")
@@ -192,7 +193,8 @@ def _run_whiten(args) -> int:
 
 def _configure_codebook(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", type=Path, required=True, help="HDF5 feature store to train on")
-    p.add_argument("--size", type=int, help="number of visual words (default: the recipe's)")
+    p.add_argument("--size", type=int, help="number of visual words (default: the recipe's, else sized "
+                                            "like evaluate does: ~200 descriptors per word, 1k to 64k)")
     p.add_argument("--recipe", choices=sorted(asmk_settings.CODEBOOK_RECIPES),
                    help="named recipe (sets size, iterations, seed, max descriptors and the file name)")
     p.add_argument("--out", type=Path, help="codebook file (.npz); default codebooks/<name>.npz")
@@ -310,6 +312,10 @@ def _configure_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=1,
                    help="rerun the chance-dependent stages (codebook seed, fold split) this many times "
                         "on the same features and report mean +- std")
+    p.add_argument("--target-precision", type=float,
+                   default=pipeline_settings.DEFAULT_TARGET_PRECISION,
+                   help="the recogniser (WORK/recogniser) accepts answers from the lowest confidence at "
+                        "which validation precision reaches this")
 
 
 def _evaluation_settings(args) -> dict:
@@ -318,7 +324,7 @@ def _evaluation_settings(args) -> dict:
     if args.config in pipeline_settings.PUBLISHED:  # the published pipeline, not only its extraction
         settings.update(copy.deepcopy(pipeline_settings.PUBLISHED[args.config]))
     settings["extract"] = _extraction_config(args, base=settings["extract"])
-    for name in ("checkpoint", "codebook", "codebook_size", "global_dims"):
+    for name in ("checkpoint", "codebook", "codebook_size", "global_dims", "target_precision"):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
     if args.methods:
@@ -384,6 +390,101 @@ def _run_report(args) -> int:
     return 0
 
 
+def _collection(args) -> Tuple[Path, List[str], list]:
+    """(image root, image keys, exhibit ids) from --images FOLDER or --data (Met database)."""
+    if args.images is not None:
+        from .recognition.recogniser import exhibits_in_folder
+        keys, ids = exhibits_in_folder(args.images)
+        return args.images, keys, ids
+    from .datasets import find_image_root, read_database
+    keys, labels = read_database(args.data / "database.json")
+    return find_image_root(args.data, keys), list(keys), [int(v) for v in labels]
+
+
+def _add_collection_options(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", type=Path, metavar="FOLDER",
+                     help="the collection: one subfolder per exhibit (its name is the exhibit id), or "
+                          "images at the top level, each an exhibit named by its file name")
+    src.add_argument("--data", type=Path, help="Met-format directory: its database.json gives the exhibits")
+
+
+def _configure_recogniser(p: argparse.ArgumentParser) -> None:
+    _add_collection_options(p)
+    p.add_argument("--out", type=Path, required=True, help="recogniser directory to write")
+    _add_extractor_options(p)
+    p.add_argument("--codebook-size", type=int, help="visual words (default: ~200 descriptors per word)")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (logged)")
+
+
+def _run_recogniser(args) -> int:
+    from .recognition.recogniser import build_recogniser
+    configure_threads()
+    image_root, keys, ids = _collection(args)
+    out = build_recogniser(image_root, keys, ids, args.out, config=_extraction_config(args),
+                           checkpoint=args.checkpoint, device=args.device, codebook_size=args.codebook_size,
+                           skip_bad=args.skip_bad)
+    print(json.dumps({"recogniser": str(out), "images": len(keys), "exhibits": len(set(map(str, ids)))}))
+    return 0
+
+
+def _configure_identify(p: argparse.ArgumentParser) -> None:
+    p.add_argument("photos", type=Path, nargs="+", metavar="PHOTO", help="photos to recognise")
+    p.add_argument("--recogniser", type=Path, required=True,
+                   help="recogniser directory (how-met evaluate writes WORK/recogniser; how-met recogniser builds one)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+
+
+def _run_identify(args) -> int:
+    from .recognition.recogniser import Recogniser
+    configure_threads()
+    from .features.images import ImageError
+    failed = 0
+    with Recogniser(args.recogniser, device=args.device) as recogniser:
+        for photo in args.photos:
+            try:
+                answer = recogniser.recognise(photo).as_dict()
+            except ImageError as exc:  # one unreadable photo does not stop the others
+                answer, failed = {"image": str(photo), "error": str(exc)}, failed + 1
+            print(json.dumps(answer), flush=True)
+    return 1 if failed else 0
+
+
+def _configure_add_exhibits(p: argparse.ArgumentParser) -> None:
+    _add_collection_options(p)
+    p.add_argument("--recogniser", type=Path, required=True, help="recogniser directory to extend")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (logged)")
+
+
+def _run_add_exhibits(args) -> int:
+    from .recognition.recogniser import Recogniser
+    configure_threads()
+    image_root, keys, ids = _collection(args)
+    with Recogniser(args.recogniser) as recogniser:
+        added = recogniser.add_exhibits(image_root, keys, ids, skip_bad=args.skip_bad)
+        print(json.dumps({"recogniser": str(args.recogniser), "added": added, "images": len(recogniser),
+                          "exhibits": recogniser.n_exhibits}))
+    return 0
+
+
+# An example per command, shown under its --help (the README walks through them in order).
+EXAMPLES = {
+    "extract": "how-met extract --data met --split database --out met/db.h5\n"
+               "how-met extract --data met --split queries --out met/queries.h5 --like met/db.h5",
+    "merge": "how-met merge met/db.h5 met/db-0.h5 met/db-1.h5 --overwrite",
+    "whiten": "how-met whiten --data met --out met/model.pt",
+    "codebook": "how-met codebook --features met/db.h5 --out met/codebook.npz",
+    "index": "how-met index --features met/db.h5 --codebook met/codebook.npz --out met/index",
+    "query": "how-met query --index met/index --codebook met/codebook.npz --features met/queries.h5 "
+             "--out met/ranks.h5",
+    "evaluate": "how-met evaluate --data ../shared/data/museum --work museum-eval --report",
+    "demo": "how-met demo --work how-met-demo",
+    "report": "how-met report museum-eval --queries 500",
+    "recogniser": "how-met recogniser --images my-collection/ --out my-recogniser",
+    "identify": "how-met identify --recogniser museum-eval/recogniser visitor1.jpg visitor2.jpg",
+    "add-exhibits": "how-met add-exhibits --recogniser my-recogniser --images new-acquisitions/",
+}
+
 # command -> (one-line help, configure, run). Order is the order of the pipeline.
 COMMANDS = {
     "extract": ("extract HOW local (and global) features into an HDF5 store", _configure_extract, _run_extract),
@@ -397,16 +498,24 @@ COMMANDS = {
                  _run_evaluate),
     "demo": ("build a small museum from bundled photos and evaluate it", _configure_demo, _run_demo),
     "report": ("write a static HTML report of an evaluation", _configure_report, _run_report),
+    "recogniser": ("build a recogniser for a collection, without queries to tune on (default settings)",
+                   _configure_recogniser, _run_recogniser),
+    "identify": ("which exhibit each photo shows: one JSON object per photo", _configure_identify, _run_identify),
+    "add-exhibits": ("add images of new or known exhibits to a recogniser (no rebuild)", _configure_add_exhibits,
+                     _run_add_exhibits),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="how-met", description="Instance-level recognition with HOW local "
                                      "descriptors, ASMK and kNN classification (Met protocol).")
+    from . import __version__
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"how-met {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, configure, run) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter,
+                           epilog="example:\n" + "\n".join(f"  {line}" for line in EXAMPLES[name].split("\n")))
         configure(p)
         p.set_defaults(run=run)
     return parser

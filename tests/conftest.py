@@ -59,3 +59,13 @@ def whitened_model(museum_dir):
     learn_whitening(model, museum_dir / "images", [e["path"] for e in db[:12]], TEST_CONFIG,
                     num_images=12, workers=0)
     return model
+
+
+@pytest.fixture(scope="session")
+def museum_evaluation(tmp_path_factory, museum_dir):
+    """``run_evaluation`` of the museum with the quick settings, 2-fold cross-tuning: (work
+    directory, results). Shared by the evaluate, recogniser and report tests."""
+    from how_met.pipeline.evaluate import run_evaluation
+    from how_met.pipeline.settings import QUICK_SETTINGS
+    work = tmp_path_factory.mktemp("museum-evaluation") / "w"
+    return work, run_evaluation(museum_dir, work, settings=QUICK_SETTINGS, cv=2)

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import importlib
 import math
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .settings import BACKBONES  # the table lives in the light settings module
 
 # ---------------------------------------------------------------------------------------------
 # EfficientNet-Lite
@@ -259,14 +261,6 @@ class ResNetTrunk(Trunk):
 
 
 # name -> (kind, architecture, skip_layer, default local layer)
-BACKBONES: Dict[str, Tuple[str, str, int, Optional[str]]] = {
-    "efficientnet-lite0": ("effnet", "efficientnet-lite0", 0, "blocks.11.expand"),
-    "efficientnet-lite1": ("effnet", "efficientnet-lite1", 0, "blocks.15.expand"),
-    "efficientnet-lite2": ("effnet", "efficientnet-lite2", 0, "blocks.15.expand"),
-    "resnet18": ("resnet", "resnet18", 0, None),
-    "resnet50": ("resnet", "resnet50", 1, None),   # "-R50": layer4 dropped, as in HOW
-    "resnet101": ("resnet", "resnet101", 1, None),
-}
 
 
 def build_trunk(backbone: str, layer: Optional[str] = None, imagenet: bool = True) -> Trunk:

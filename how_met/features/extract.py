@@ -7,6 +7,7 @@ files. Decoding runs in DataLoader worker processes while the network runs in th
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -17,7 +18,7 @@ import torch
 from .backbones import BACKBONES
 from .checkpoints import build_model, load_model, save_model
 from .settings import DEFAULT_RESIZE_RULE, WHITEN_FEATURES, WHITEN_IMAGES, check_model, resolve_config, store_config
-from .images import ImageError, load_image
+from .images import ImageError, image_array, load_image
 from .network import HOWNet, model_fingerprint
 from .store import FeatureStore, LocalFeatures
 from .whitening import whitening_from_moments
@@ -114,7 +115,7 @@ def _extract_batches(model: HOWNet, image_root: Path, keys: Sequence[str], confi
         bar.close()
 
 
-def _inference_copy(model: HOWNet) -> HOWNet:
+def inference_copy(model: HOWNet) -> HOWNet:
     """BatchNorm folded (and channels_last for ResNets on CPU): same outputs, faster.
 
     Measured on 2 cores (eval/bench_extract.py setting): Lite0 4.91 -> 5.38 images/s from
@@ -125,6 +126,20 @@ def _inference_copy(model: HOWNet) -> HOWNet:
     if runner.device.type == "cpu" and BACKBONES[runner.config.backbone][0] == "resnet":
         runner.to(memory_format=torch.channels_last)
     return runner
+
+
+def extract_image(model: HOWNet, image, config=None) -> LocalFeatures:
+    """The features of one image -- a path, a PIL image or an (H, W, 3) uint8 RGB array -- as
+    ``extract_to_store`` computes them (pass ``inference_copy(model)`` for speed)."""
+    config = resolve_config(config)
+    if isinstance(image, (str, os.PathLike)):
+        pixels, original = load_image(image, config["image_size"], config.get("image_loading", "how-met"))
+    else:
+        pixels, original = image_array(image, config["image_size"])
+    tensor = torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+    out = model.extract(tensor[None], config["scales"], config["features_num"], gem=config.get("gem", True),
+                        resize_rule=config.get("resize_rule", DEFAULT_RESIZE_RULE))[0]
+    return _to_local_features(out, original, (int(tensor.shape[2]), int(tensor.shape[1])), config.get("gem", True))
 
 
 def default_workers() -> int:
@@ -173,7 +188,7 @@ def learn_whitening(model: HOWNet, image_root, keys: Sequence[str], config=None,
     sums = None
     raw: Dict[str, LocalFeatures] = {}
     count = 0
-    for key, feats in _extract_batches(_inference_copy(model), Path(image_root), sample, config, batch_size,
+    for key, feats in _extract_batches(inference_copy(model), Path(image_root), sample, config, batch_size,
                                        workers, skip_bad, reduce=False, desc="whitening"):
         # Learn from at most features_per_image of the strongest features (already sorted).
         desc = feats.descriptors[:features_per_image].astype(np.float64)
@@ -338,7 +353,7 @@ def _write_features(store: FeatureStore, model: HOWNet, image_root: Path, todo: 
             store.write(key, _project(model, feats), float16=float16)
             done += 1
     remaining = [k for k in todo if k not in store]
-    runner = _inference_copy(model) if todo else model
+    runner = inference_copy(model) if todo else model
     for key, feats in _extract_batches(runner, image_root, remaining, config, batch_size,
                                        workers, skip_bad, reduce=True, autocast=autocast):
         store.write(key, feats, float16=float16)

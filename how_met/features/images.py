@@ -96,6 +96,20 @@ def load_image(path: os.PathLike, image_size: int = 0, loading: str = "how-met"
     return _shrink(_to_rgb(img), image_size, path), original
 
 
+def image_array(image, image_size: int = 0) -> Tuple[np.ndarray, Tuple[int, int]]:
+    """``load_image`` for an image already in memory: a PIL image (EXIF orientation applied)
+    or an (H, W, 3) uint8 RGB array."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ImageError(f"image array must be (H, W, 3) uint8 RGB, got {image.dtype} {image.shape}")
+        image = Image.fromarray(image)
+    elif isinstance(image, Image.Image):
+        image = ImageOps.exif_transpose(image)
+    else:
+        raise ImageError(f"not an image: {type(image).__name__} (give a path, a PIL image or an array)")
+    return _shrink(_to_rgb(image), image_size, "image"), image.size
+
+
 def _shrink(img: Image.Image, image_size: int, path) -> np.ndarray:
     if image_size and max(img.size) > image_size:
         ratio = image_size / max(img.size)

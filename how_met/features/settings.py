@@ -9,7 +9,7 @@ import copy
 import json
 import logging
 from dataclasses import asdict
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +24,16 @@ IMAGE_LOADING = ("how-met", "official")
 LEGACY_EXTRACTION = {"resize_rule": "round", "image_loading": "how-met"}
 # Extraction settings the command line can override one by one.
 OVERRIDABLE = ("scales", "features_num", "image_size", "resize_rule", "image_loading")
+# Backbone name -> (kind, architecture, skip_layer, default local layer); the trunks are built by
+# features.backbones, here only the names (the command line lists them without importing torch).
+BACKBONES: Dict[str, Tuple[str, str, int, Optional[str]]] = {
+    "efficientnet-lite0": ("effnet", "efficientnet-lite0", 0, "blocks.11.expand"),
+    "efficientnet-lite1": ("effnet", "efficientnet-lite1", 0, "blocks.15.expand"),
+    "efficientnet-lite2": ("effnet", "efficientnet-lite2", 0, "blocks.15.expand"),
+    "resnet18": ("resnet", "resnet18", 0, None),
+    "resnet50": ("resnet", "resnet50", 1, None),   # "-R50": layer4 dropped, as in HOW
+    "resnet101": ("resnet", "resnet101", 1, None),
+}
 
 # Named extraction configs (the "model" part builds the network; the rest drives extraction).
 # Defaults measured on ../shared/data/museum (see README "Choosing the defaults"): the

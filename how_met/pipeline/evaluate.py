@@ -9,14 +9,20 @@ Work directory layout (each file is written atomically; a stage whose output exi
     index/                   binary ASMK inverted file of the database
     global_whitening.npz     PCA-whitening of the GeM descriptors (learned on the database)
     neighbours/<method>.h5   ranked database images per query
-    predictions/<method>.json  per query: prediction, confidence, top-5 (for the report)
+    predictions/<method>.json  per query: prediction, log-odds, confidence, accepted, top-5
+    evidence.h5              inlier correspondences of each query's top candidates (for the report)
+    recogniser/              the tuned recogniser (how_met.recognition.recogniser), for
+                             ``how-met identify``
     timings.json             seconds and rates measured by the stages
     results.json, results.md  metrics per method
     repeats/seed-<s>/        with ``repeats`` > 1: codebook, index and neighbour lists of the
                              other codebook seeds (features and global lists are shared)
 
 Protocol: a dataset with val and test queries is tuned on val and measured on test; a dataset
-with one query set uses ``cv``-fold cross-tuning (default 2), which the output says.
+with one query set uses ``cv``-fold cross-tuning (default 2), which the output says. The
+recogniser takes the method, (K, t) and accept threshold that the first fold's tuning queries
+(val) chose; the figures of that threshold on those queries and on the held-out ones are
+recorded with it.
 
 Error bars: the codebook seed moves HOW+ASMK on the small shared sets by several GAP, so
 ``repeats`` reruns the chance-dependent stages (codebook seed and fold split) and every metric is
@@ -32,8 +38,10 @@ import numpy as np
 
 from ..datasets import DISTRACTOR, Dataset, load_dataset
 from ..recognition import fusion, knn
+from ..recognition.acceptance import degenerate_confidence
 from ..recognition.protocol import protocol_folds, tune_and_test
 from ..utils import configure_threads, library_versions, write_json
+from .evidence import stage_evidence
 from .settings import METHODS, merge_settings
 from .stages import (Timings, record_settings, aligned, dir_megabytes, stage_asmk_query, stage_codebook, stage_extract,
                      stage_global, stage_index, stage_rerank)
@@ -42,15 +50,50 @@ logger = logging.getLogger(__name__)
 
 
 def _predictions_json(ds: Dataset, outcome: dict) -> list:
+    """Per tested query: label, prediction, log-odds (what GAP ranks by: the confidence
+    saturates at 1.0 in float64), confidence, accepted, fold, top-5."""
     rows = []
     for q in np.flatnonzero(outcome["tested"]):
         label, p = int(ds.query_labels[q]), int(outcome["pred"][q])
         best = [{"key": ds.db_keys[i], "label": int(ds.db_labels[i]), "score": float(s)}
                 for i, s in zip(outcome["top_indices"][q], outcome["top_scores"][q]) if i >= 0]
+        log_odds = float(outcome["log_odds"][q])
         rows.append({"query": ds.query_keys[q], "label": label, "pred": p,
-                     "conf": float(outcome["conf"][q]), "correct": bool(label != DISTRACTOR and p == label),
-                     "top": best})
+                     "log_odds": log_odds if np.isfinite(log_odds) else None,
+                     "conf": float(outcome["conf"][q]), "accepted": bool(outcome["accepted"][q]),
+                     "fold": int(outcome["fold"][q]),
+                     "correct": bool(label != DISTRACTOR and p == label), "top": best})
     return rows
+
+
+def _codebook_file(work: Path, settings: dict) -> Path:
+    """The codebook of the run: the one given in the settings, else the one trained in ``work``."""
+    return Path(settings["codebook"]) if settings.get("codebook") else work / "codebook.npz"
+
+
+def _write_recogniser(ds: Dataset, work: Path, settings: dict, protocol: str, outcomes: Dict[str, dict]) -> dict:
+    """The recogniser of this evaluation: the method whose tuning GAP on the first fold's tuning
+    queries is highest, with that fold's (K, t), fusion weights and accept threshold."""
+    from ..recognition.recogniser import write_recogniser
+    method = max(outcomes, key=lambda m: outcomes[m]["per_fold"][0]["tune_GAP"])
+    chosen = outcomes[method]["per_fold"][0]
+    fusion_keys = ("weight",) if method == "fusion" else \
+        ("global_weight", "asmk_weight", "inlier_weight", "inlier_half", "min_inliers") \
+        if method == "global+rerank" else ()
+    where = "the val queries" if protocol == "val -> test" else f"the tuning queries of fold 1 ({protocol})"
+    accept = dict(chosen["accept"], chosen_on=f"{where} of {ds.name}: {chosen['accept']['tuning']['queries']}; "
+                  f"'test': its {chosen['accept']['test']['queries']} held-out queries")
+    recogniser = {"method": method, "K": chosen["K"], "t": chosen["t"],
+                  "fusion": {k: chosen[k] for k in fusion_keys} or None,
+                  "multiple_assignment": settings["multiple_assignment"],
+                  "shortlist": settings["rerank_shortlist"] if method == "global+rerank" else settings["neighbours"],
+                  "extract": settings["extract"], "tuned": True, "accept": accept,
+                  "source": {"dataset": ds.name, "work": str(work.resolve()), "protocol": protocol}}
+    write_recogniser(work / "recogniser", model_file=work / "model.pt", features=work / "features.h5",
+                     keys=ds.db_keys, exhibit_ids=ds.db_labels, codebook_file=_codebook_file(work, settings),
+                     index_dir=work / "index", global_whitening_file=work / "global_whitening.npz",
+                     settings=recogniser)
+    return recogniser
 
 
 def format_table(results: dict) -> str:
@@ -104,16 +147,16 @@ def _method_candidates(ds: Dataset, run: Path, features: Path, settings: dict, t
     """Candidate neighbour lists of every method for one codebook seed (``settings["seed"]``);
     the global list does not depend on it and is passed in."""
     lists: Dict[str, List[Tuple[dict, np.ndarray, np.ndarray]]] = {}
-    if global_list is not None:
+    if "global" in methods:
         lists["global"] = [({}, *global_list[0])]
-    if {"how-asmk", "fusion", "global+rerank"} & set(methods):
-        codebook = stage_codebook(ds, run, features, settings)
+    # the recogniser needs a codebook and an index whatever its method
+    codebook = stage_codebook(ds, run, features, settings)
+    index = stage_index(ds, run, features, codebook, timings)
     if "how-asmk" in methods or "fusion" in methods:
-        index = stage_index(ds, run, features, codebook, timings)
         asmk_neigh = stage_asmk_query(ds, run, features, codebook, index, settings, timings)
         lists["how-asmk"] = [({}, *aligned(asmk_neigh, ds))]
     if "fusion" in methods:
-        a, b = lists["global"][0][1:], lists["how-asmk"][0][1:]
+        a, b = global_list[0], lists["how-asmk"][0][1:]
         lists["fusion"] = [({"weight": float(w)}, *fusion.fuse_neighbours(a[0], a[1], b[0], b[1], w))
                            for w in fusion.DEFAULT_WEIGHTS]
     if "global+rerank" in methods:
@@ -146,10 +189,9 @@ def run_evaluation(data_dir=None, work_dir="how-met-work", settings: Optional[di
     methods = [m for m in settings["methods"] if m in METHODS]
 
     features = stage_extract(ds, work, settings, timings, device)
-    global_list = None
-    if "global" in methods or "fusion" in methods or "global+rerank" in methods:
-        global_neigh = stage_global(ds, work, features, settings, timings)
-        global_list = (aligned(global_neigh, ds), global_neigh)
+    # the recogniser needs the global whitening whatever its method
+    global_neigh = stage_global(ds, work, features, settings, timings)
+    global_list = (aligned(global_neigh, ds), global_neigh)
     outcomes: List[Dict[str, dict]] = []  # per repeat: method -> tune_and_test outcome
     for seed in seeds:
         run = repeat_dir(work, settings["seed"], seed)
@@ -157,7 +199,8 @@ def run_evaluation(data_dir=None, work_dir="how-met-work", settings: Optional[di
         lists = _method_candidates(ds, run, features, {**settings, "seed": seed}, run_timings,
                                    methods, global_list)
         _, folds = protocol_folds(ds, cv, seed)
-        outcomes.append({name: tune_and_test(lists[name], ds, folds) for name in methods})
+        outcomes.append({name: tune_and_test(lists[name], ds, folds, settings["target_precision"])
+                         for name in methods})
 
     if repeats > 1:
         varied = "codebook seed" if protocol == "val -> test" else "codebook seed and fold split"
@@ -175,17 +218,25 @@ def run_evaluation(data_dir=None, work_dir="how-met-work", settings: Optional[di
     costs = _method_costs(work, timings)
     for name in methods:
         outcome = outcomes[0][name]
+        flat = degenerate_confidence(outcome["log_odds"][outcome["tested"]])
+        if flat:
+            results["notes"][f"{name} confidence"] = flat
         metrics = dict(outcome["metrics"])
         per_repeat = [{"seed": seed, **{k: o[name]["metrics"][k] for k in ("K", "t", *REPEATED_METRICS)}}
                       for seed, o in zip(seeds, outcomes)]
         for key in REPEATED_METRICS:
             metrics[key], metrics[f"{key}_std"] = mean_std([r[key] for r in per_repeat])
         results["methods"][name] = {**{k: (round(v, 2) if isinstance(v, float) else v) for k, v in metrics.items()},
-                                    **costs.get(name, {}), "per_fold": outcome["per_fold"],
+                                    **costs.get(name, {}), "first_query_ms": timings.get(f"{name}_first_query_ms"),
+                                    "per_fold": outcome["per_fold"],
                                     "per_repeat": per_repeat}
         results["tuning"][name] = {"K": list(knn.DEFAULT_KS), "t": list(knn.DEFAULT_TS),
                                    "GAP": np.round(outcome["grid"], 2).tolist()}
         write_json(work / "predictions" / f"{name}.json", _predictions_json(ds, outcome))
+    top_pairs = {(ds.query_keys[q], ds.db_keys[o["top_indices"][q, 0]]) for o in outcomes[0].values()
+                 for q in np.flatnonzero(o["tested"] & (o["top_indices"][:, 0] >= 0))}
+    stage_evidence(work, features, _codebook_file(work, settings), top_pairs, settings["multiple_assignment"])
+    results["recogniser"] = _write_recogniser(ds, work, settings, protocol, outcomes[0])
     write_json(work / "results.json", results)
     (work / "results.md").write_text(format_table(results) + "\n")
     return results

@@ -94,17 +94,28 @@ def plot_tuning(method: str, tuning: dict, chosen: dict, path: Path,
     return _save_figure(figure, path)
 
 
+def _log_odds(prediction: dict) -> float:
+    if "log_odds" not in prediction:  # files written before log-odds were stored
+        return float(prediction.get("conf", 0.0))
+    value = prediction["log_odds"]
+    return float("-inf") if value is None else float(value)
+
+
 def precision_curve(predictions: Sequence[dict]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(confidence, precision, recall) after each query, queries sorted by confidence.
+    """(confidence, precision, recall) after each query, queries sorted by log-odds (by
+    confidence in files without them).
 
     Precision counts distractors as wrong; recall is over the non-distractor queries, so the
     area under precision-recall is the GAP.
     """
+    # ranked by log-odds where the file has them (the confidence saturates at 1.0 in float64,
+    # which would tie the most confident queries), as the evaluation's GAP ranks them
+    rank_by = np.array([_log_odds(p) for p in predictions], dtype=np.float64)
     conf = np.array([float(p.get("conf", 0.0)) for p in predictions], dtype=np.float64)
     correct = np.array([bool(p.get("correct")) and int(p.get("label", -1)) >= 0
                         for p in predictions])
     n_met = max(1, sum(int(p.get("label", -1)) >= 0 for p in predictions))
-    order = np.argsort(-conf, kind="stable")
+    order = np.argsort(-rank_by, kind="stable")
     hits = np.cumsum(correct[order])
     ranks = np.arange(1, len(order) + 1)
     return conf[order], hits / ranks, hits / n_met

@@ -17,7 +17,7 @@ import math
 import re
 import shutil
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional
 from urllib.parse import quote
 
 import numpy as np
@@ -25,6 +25,8 @@ import numpy as np
 from ..utils import atomic_path, progress
 from .settings import DEFAULT_QUERIES_SHOWN
 from .figures import plot_precision, plot_tuning
+from .cards import PAGE_SIZE, database_images, failures_first, is_failure, page_name, pager, query_card
+from .evidence import EVIDENCE_FILE, read_evidence
 from .thumbnails import Thumbnails
 
 logger = logging.getLogger("how_met.report")
@@ -113,9 +115,9 @@ figure { margin: 0; }
 .figures img { max-width: 100%; height: auto; border: 1px solid var(--line); background: #fff; }
 figcaption { font-size: 12px; color: #555; }
 .query { background: #fff; border: 1px solid var(--line); border-radius: 6px; padding: 10px;
-  margin: 0 0 14px; display: grid; grid-template-columns: 290px 1fr; gap: 12px; }
+  margin: 0 0 14px; display: grid; grid-template-columns: 1fr; gap: 8px; }
 .query-head { display: flex; flex-wrap: wrap; gap: 6px; align-content: flex-start; }
-.query-head .caption { width: 100%; font-size: 12px; color: #333; word-break: break-all; }
+.query-head .caption { font-size: 12px; color: #333; word-break: break-all; max-width: 420px; }
 .query-head figure { width: 136px; }
 .query-head img, .match img { display: block; border: 2px solid transparent; background: #eee; }
 table.matches { border-collapse: collapse; width: 100%; }
@@ -134,13 +136,17 @@ table.matches tr:first-child td, table.matches tr:first-child th { border-top: n
 .match.predicted:not(.hit) img { border-color: var(--bad); }
 .match .score { font-variant-numeric: tabular-nums; }
 .empty { color: #888; font-size: 12px; }
+.warning { background: #fff4e5; border: 1px solid #f0b15a; padding: 6px 10px; max-width: 900px; }
+.query.failure { border-left: 5px solid var(--bad); }
+figure.evidence { margin: 0 0 8px; } figure.evidence img { max-width: 100%; height: auto; }
+.pager { margin: 8px 0 14px; } .pager a, .pager strong { margin-right: 6px; }
 """
 
 
 def _chosen_parameters(metrics: dict) -> str:
     """Tuned parameters beyond K and t (e.g. a fusion weight), as "name=value, ..."."""
     known = ({key for key, _, _ in METRIC_COLUMNS} | {f"{key}_std" for key in HIGHER_IS_BETTER}
-             | {"per_fold", "per_repeat"})
+             | {"per_fold", "per_repeat", "first_query_ms"})
     parts = []
     for key, value in metrics.items():
         if key in known or isinstance(value, (dict, list)):
@@ -190,86 +196,6 @@ def _dataset_line(dataset: dict, protocol: Optional[str]) -> str:
     return " ".join(parts)
 
 
-def _find_database_labels(image_root: Optional[Path]) -> Dict[int, str]:
-    """Class -> first database image key, from a ``database.json`` beside the image root."""
-    if image_root is None:
-        return {}
-    for candidate in (image_root.parent / "database.json", image_root / "database.json"):
-        try:
-            entries = json.loads(candidate.read_text())
-        except (OSError, ValueError):
-            continue
-        labels: Dict[int, str] = {}
-        for entry in entries if isinstance(entries, list) else []:
-            try:
-                labels.setdefault(int(entry["id"]), str(entry["path"]))
-            except (KeyError, TypeError, ValueError):
-                continue
-        return labels
-    return {}
-
-
-def _verdict(prediction: dict) -> Tuple[str, str]:
-    """(css class, text) of a prediction."""
-    if int(prediction.get("label", -1)) < 0:
-        return "distractor", "distractor"
-    return ("correct", "correct") if prediction.get("correct") else ("wrong", "wrong")
-
-
-def _query_card(key: str, per_method: Dict[str, Optional[dict]], thumbs: Thumbnails,
-                exhibit_key: Dict[int, str]) -> str:
-    first = next((p for p in per_method.values() if p is not None), {})
-    label = int(first.get("label", -1))
-    head = [f'<figure>{thumbs.img(key, title=f"query {key}")}'
-            '<figcaption>query</figcaption></figure>']
-    if label >= 0:
-        gt_key = exhibit_key.get(label)
-        if gt_key is None:  # no database.json: look for the exhibit among the matches
-            gt_key = next((m["key"] for p in per_method.values() if p
-                           for m in p.get("top", []) if int(m.get("label", -2)) == label), None)
-        if gt_key is not None:
-            head.append(f'<figure>{thumbs.img(gt_key, title=f"exhibit {label}: {gt_key}")}'
-                        f'<figcaption>ground truth: exhibit {label}</figcaption></figure>')
-        truth = f"ground truth: exhibit {label}"
-    else:
-        truth = "distractor (no exhibit in the database)"
-    head.append(f'<div class="caption"><code>{_esc(key)}</code><br>{_esc(truth)}</div>')
-
-    rows = []
-    for method, prediction in per_method.items():
-        if prediction is None:
-            rows.append(f'<tr><th>{_esc(method)}</th><td class="empty">no prediction</td></tr>')
-            continue
-        css, text = _verdict(prediction)
-        pred = prediction.get("pred")
-        conf = prediction.get("conf")
-        conf_text = f"{conf:.3f}" if isinstance(conf, (int, float)) else "?"
-        matches = []
-        for rank, match in enumerate(prediction.get("top", [])[:5], 1):
-            match_label = int(match.get("label", -2))
-            classes = ["match"]
-            if label >= 0 and match_label == label:
-                classes.append("hit")
-            if pred is not None and match_label == int(pred):
-                classes.append("predicted")
-            score = match.get("score")
-            score_text = f"{score:.3f}" if isinstance(score, (int, float)) else "?"
-            match_key = str(match.get("key", ""))
-            matches.append(
-                f'<figure class="{" ".join(classes)}">'
-                f'{thumbs.img(match_key, title=f"#{rank} {match_key} (exhibit {match_label})")}'
-                f'<figcaption>#{rank} exhibit {_esc(match_label)}<br>'
-                f'<span class="score">score {_esc(score_text)}</span></figcaption></figure>')
-        top = "".join(matches) or '<span class="empty">no matches</span>'
-        rows.append(
-            f'<tr data-method="{_esc(method)}"><th>{_esc(method)}'
-            f'<span class="verdict"><span class="badge {css}">{_esc(text)}</span> '
-            f'predicted exhibit {_esc(pred)}<br>confidence {_esc(conf_text)}</span></th>'
-            f'<td><div class="top">{top}</div></td></tr>')
-    return (f'<article class="query" data-query="{_esc(key)}"><div class="query-head">'
-            f'{"".join(head)}</div><table class="matches">{"".join(rows)}</table></article>')
-
-
 def _load_predictions(work_dir: Path, methods: Iterable[str]) -> Dict[str, Optional[List[dict]]]:
     predictions: Dict[str, Optional[List[dict]]] = {}
     for method in methods:
@@ -286,11 +212,12 @@ def _load_predictions(work_dir: Path, methods: Iterable[str]) -> Dict[str, Optio
 
 
 def write_report(work_dir: "str | Path", out: "str | Path | None" = None,
-                 n_queries_shown: Optional[int] = None) -> Path:
+                 n_queries_shown: Optional[int] = None, page_size: int = PAGE_SIZE) -> Path:
     """Write the HTML report of the evaluation in ``work_dir``; return the path of index.html.
 
     ``out`` defaults to ``<work_dir>/report``. ``n_queries_shown`` limits the query cards
-    (default: all, up to {DEFAULT_QUERIES_SHOWN}); queries keep the order of the predictions.
+    (default: all, up to {DEFAULT_QUERIES_SHOWN}), ``page_size`` cards per page (index.html, then
+    queries-2.html, ...); the failures of the main method (the recogniser's) come first.
     """
     work_dir = Path(work_dir)
     out = Path(out) if out is not None else work_dir / "report"
@@ -306,18 +233,21 @@ def write_report(work_dir: "str | Path", out: "str | Path | None" = None,
     (out / FIGURES_DIR).mkdir(exist_ok=True)
     predictions = _load_predictions(work_dir, methods)
     title = f"how-met report: {dataset.get('name', work_dir.name)}"
-    sections = [_header_section(title, results, work_dir, out), _metrics_section(results),
-                _precision_section(methods, predictions, out),
-                _tuning_section(methods, results.get("tuning") or {}, out),
-                _queries_section(methods, predictions, image_root, out, n_queries_shown)]
-    page = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f'<title>{_esc(title)}</title><style>{CSS}</style></head><body>\n'
-            + "\n".join(sections) + "\n</body></html>\n")
-    index = out / "index.html"
-    with atomic_path(index) as tmp:
-        tmp.write_text(page, encoding="utf-8")
-    return index
+    header = _header_section(title, results, work_dir, out)
+    sections = [header, _metrics_section(results), _precision_section(methods, predictions, out),
+                _tuning_section(methods, results.get("tuning") or {}, out)]
+    main_method = (results.get("recogniser") or {}).get("method") or next(iter(methods), "")
+    pages = _queries_pages(methods, predictions, main_method, read_evidence(work_dir / EVIDENCE_FILE),
+                           image_root, out, n_queries_shown, page_size)
+    for i, queries in enumerate(pages):  # later pages: the header and their cards only
+        body = sections + [queries] if i == 0 else [header, queries]
+        page = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+                '<meta name="viewport" content="width=device-width, initial-scale=1">'
+                f'<title>{_esc(title)}</title><style>{CSS}</style></head><body>\n'
+                + "\n".join(body) + "\n</body></html>\n")
+        with atomic_path(out / page_name(i)) as tmp:
+            tmp.write_text(page, encoding="utf-8")
+    return out / page_name(0)
 
 
 def _header_section(title: str, results: dict, work_dir: Path, out: Path) -> str:
@@ -339,9 +269,12 @@ def _metrics_section(results: dict) -> str:
     notes = results.get("notes") or {}
     notes_html = ""
     if isinstance(notes, dict) and notes:
+        # a degenerate tuning (every confidence equal) is a warning, not a footnote
+        warnings = "".join(f'<p class="warning"><strong>{_esc(key)}</strong>: {_esc(value)}</p>'
+                           for key, value in notes.items() if key.endswith("confidence"))
         items = "".join(f"<li><strong>{_esc(key)}</strong>: {_esc(value)}</li>"
-                        for key, value in notes.items())
-        notes_html = f'<ul class="note">{items}</ul>'
+                        for key, value in notes.items() if not key.endswith("confidence"))
+        notes_html = warnings + (f'<ul class="note">{items}</ul>' if items else "")
     elif isinstance(notes, (list, str)) and notes:
         items = [notes] if isinstance(notes, str) else notes
         notes_html = f'<ul class="note">{"".join(f"<li>{_esc(n)}</li>" for n in items)}</ul>'
@@ -402,9 +335,11 @@ def _tuning_section(methods: Dict[str, dict], tuning: Dict[str, dict], out: Path
             'for all methods; the setting chosen (per fold) is outlined in red.</p></section>')
 
 
-def _queries_section(methods: Dict[str, dict], predictions: Dict[str, Optional[List[dict]]],
-                     image_root: Optional[Path], out: Path, n_queries_shown: Optional[int]) -> str:
-    """A card per query (up to the limit): each method's verdict and top-5 matches."""
+def _queries_pages(methods: Dict[str, dict], predictions: Dict[str, Optional[List[dict]]], main_method: str,
+                   evidence: dict, image_root: Optional[Path], out: Path, n_queries_shown: Optional[int],
+                   page_size: int) -> List[str]:
+    """The query cards (up to the limit), failures of the main method first, ``page_size`` per
+    page: each with the drawn evidence of its main-method answer and every method's verdict."""
     query_keys: List[str] = []
     by_method: Dict[str, Dict[str, dict]] = {}
     for method, items in predictions.items():
@@ -415,21 +350,29 @@ def _queries_section(methods: Dict[str, dict], predictions: Dict[str, Optional[L
             query_keys.append(key)
     query_keys = list(dict.fromkeys(query_keys))
     limit = DEFAULT_QUERIES_SHOWN if n_queries_shown is None else max(0, int(n_queries_shown))
-    shown = query_keys[:limit]
+    main = by_method.get(main_method, {})
+    shown = failures_first(query_keys, main)[:limit]
+    n_failures = sum(is_failure(main.get(k)) for k in shown)
     thumbs = Thumbnails(image_root, out)
-    exhibit_key = _find_database_labels(image_root)
-    cards = [_query_card(key, {m: by_method[m].get(key) for m in methods}, thumbs, exhibit_key)
+    exhibit_key = database_images(image_root)
+    cards = [query_card(key, {m: by_method[m].get(key) for m in methods}, main_method, thumbs, exhibit_key,
+                        evidence, image_root, out)
              for key in progress(shown, desc="report: queries", unit="query")]
     if thumbs.missing:
         logger.warning("report: %d images not found under %s; shown as placeholders",
                        len(thumbs.missing), image_root)
     counts = f"{len(shown)} of {len(query_keys)} queries" if len(shown) < len(query_keys) else \
         f"all {len(query_keys)} queries"
-    return (f'<section id="queries"><h2>Queries</h2><p class="legend">Showing {_esc(counts)}. '
-            'Each row: a method\'s verdict, predicted exhibit and confidence, then its top-5 '
-            'database matches with scores; <span style="color:var(--ok)">green</span> border: '
-            'the query\'s exhibit, <span style="color:var(--bad)">red</span>: a wrongly predicted '
-            f'exhibit.</p>{"".join(cards)}</section>')
+    legend = (f'<p class="legend">Showing {_esc(counts)}, failures of {_esc(main_method)} first ({n_failures}: '
+              'wrong exhibits and accepted distractors, the most confident first; red edge). The picture: '
+              f'the inlier correspondences of spatial verification between the query and {_esc(main_method)}\'s '
+              'top candidate. Each row: a method\'s verdict, predicted exhibit, confidence (log-odds: '
+              'what GAP ranks by) and accept decision, then its top-5 database matches with scores; '
+              '<span style="color:var(--ok)">green</span> border: the query\'s exhibit, '
+              '<span style="color:var(--bad)">red</span>: a wrongly predicted exhibit.</p>')
+    pages = [cards[i:i + page_size] for i in range(0, len(cards), page_size)] or [[]]
+    return [f'<section id="queries"><h2>Queries</h2>{legend}{pager(i, len(pages), page_size)}'
+            f'{"".join(page)}{pager(i, len(pages), page_size)}</section>' for i, page in enumerate(pages)]
 
 
 write_report.__doc__ = write_report.__doc__.replace("{DEFAULT_QUERIES_SHOWN}",

@@ -8,6 +8,7 @@ from typing import Optional
 
 from ..asmk.settings import OFFICIAL_POINTS_PER_CENTROID, OFFICIAL_SEED
 from ..features.settings import CONFIGS, DEFAULT_CONFIG
+from ..recognition.acceptance import DEFAULT_TARGET_PRECISION
 
 METHODS = ("global", "how-asmk", "fusion", "global+rerank")
 
@@ -24,7 +25,7 @@ DEFAULT_SETTINGS = {
     "rerank_shortlist": 100,
     "methods": list(METHODS),
     "seed": 0,
-    "target_precision": 0.95,         # the recogniser accepts answers at this validation precision
+    "target_precision": DEFAULT_TARGET_PRECISION,  # the recogniser's accept threshold: validation precision
 }
 # Fast settings for the test suite and `how-met demo --quick`.
 QUICK_SETTINGS = {
@@ -63,4 +64,4 @@ def merge_settings(settings: Optional[dict], overrides: dict) -> dict:
 
 DEMO_SIZE = {"n_exhibits": 35, "n_queries": 45, "n_distractors": 15}
 QUICK_SIZE = {"n_exhibits": 12, "n_queries": 18, "n_distractors": 6}
-DEFAULT_QUERIES_SHOWN = 300  # a Met test run has 19k queries; the report shows this many
+DEFAULT_QUERIES_SHOWN = 3000  # a Met test run has 19k queries; the report shows this many (in pages)

@@ -18,6 +18,7 @@ import numpy as np
 
 from .knn import (DEFAULT_KS, DEFAULT_TS, NeighbourClasses, check_grid, count_classes, gap_grid,
                   neighbour_classes, predict_log_odds, sigmoid)
+from .acceptance import DEFAULT_TARGET_PRECISION, acceptance_figures, choose_threshold
 from .metrics import DISTRACTOR, evaluate_predictions
 
 Candidate = Tuple[dict, NeighbourClasses]  # (parameters, neighbour lists reduced to classes)
@@ -208,25 +209,47 @@ def protocol_folds(ds, cv: Optional[int], seed: int = 0) -> Tuple[str, List[Tupl
 
 
 def tune_and_test(candidates: List[Tuple[dict, np.ndarray, np.ndarray]], ds,
-                  folds: List[Tuple[np.ndarray, np.ndarray]]) -> dict:
+                  folds: List[Tuple[np.ndarray, np.ndarray]],
+                  target_precision: float = DEFAULT_TARGET_PRECISION) -> dict:
     """What ``how-met evaluate`` reports for one method: ``run_protocol`` over its candidates.
 
     candidates: [(params, indices (nq, k), scores (nq, k))] aligned with ds.query_keys.
     Returns metrics averaged over folds (percent; K, t and parameters as "fold1/fold2" where the
     folds chose differently), per-fold metrics, the tuning GAP grid (percent, see
     ``ProtocolResult.tuning_profile``) and per-query predictions with the top-5 of the
-    candidate each query's fold chose.
+    candidate each query's fold chose. Each fold also chooses on its tuning rows the accept
+    threshold of ``target_precision`` (``acceptance.choose_threshold``) and applies it to its test
+    rows: per fold the threshold and its figures on tuning and test rows, per query log-odds,
+    accepted and fold.
     """
     lists = [(params, neighbour_classes(indices, scores, ds.db_labels)) for params, indices, scores in candidates]
     result = run_protocol(lists, ds.query_labels, ds.n_classes, folds)
-    per_fold = [{**{k: 100 * v for k, v in fold.metrics.items()}, "K": int(fold.choice.K),
-                 "t": float(fold.choice.t), **fold.choice.params} for fold in result.folds]
+    labels = ds.query_labels
+    nq = len(labels)
+    accepted = np.zeros(nq, bool)
+    fold_of = np.full(nq, -1, np.int64)
+    per_fold = []
+    for f, fold in enumerate(result.folds):
+        choice = fold.choice
+        tuned, tuned_log_odds = predict_log_odds(lists[choice.candidate][1].subset(fold.tune_rows), choice.K,
+                                                 np.array([choice.t]), ds.n_classes)
+        threshold = choose_threshold(tuned_log_odds[0], tuned, labels[fold.tune_rows], target_precision)
+        test = fold.test_rows
+        accepted[test] = (result.log_odds[test] >= threshold) & (result.pred[test] != DISTRACTOR)
+        fold_of[test] = f
+        per_fold.append({**{k: 100 * v for k, v in fold.metrics.items()}, "K": int(choice.K), "t": float(choice.t),
+                         **choice.params, "tune_GAP": 100 * choice.value,
+                         "accept": {"target_precision": target_precision,
+                                    "log_odds": threshold if np.isfinite(threshold) else None,
+                                    "tuning": acceptance_figures(tuned_log_odds[0], tuned, labels[fold.tune_rows],
+                                                                 threshold),
+                                    "test": acceptance_figures(result.log_odds[test], result.pred[test],
+                                                               labels[test], threshold)}})
     summary = {key: float(np.nanmean([f[key] for f in per_fold])) for key in ("GAP", "GAP-", "ACC")}
-    for key in ["K", "t"] + sorted(set(per_fold[0]) - {"GAP", "GAP-", "ACC", "K", "t"}):
+    for key in ["K", "t"] + sorted(set(per_fold[0]) - {"GAP", "GAP-", "ACC", "K", "t", "tune_GAP", "accept"}):
         values = [f[key] for f in per_fold]
         summary[key] = values[0] if len(set(map(str, values))) == 1 else \
             "/".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
-    nq = len(ds.query_labels)
     top_indices = np.full((nq, 5), -1, np.int64)
     top_scores = np.full((nq, 5), -np.inf, np.float32)
     for fold in result.folds:
@@ -235,5 +258,6 @@ def tune_and_test(candidates: List[Tuple[dict, np.ndarray, np.ndarray]], ds,
         top_indices[fold.test_rows, :width] = indices[fold.test_rows, :width]
         top_scores[fold.test_rows, :width] = scores[fold.test_rows, :width]
     return {"metrics": summary, "per_fold": per_fold, "grid": result.tuning_profile() * 100,
-            "pred": result.pred, "conf": result.confidence, "tested": result.tested,
+            "pred": result.pred, "conf": result.confidence, "log_odds": result.log_odds, "accepted": accepted,
+            "fold": fold_of, "tested": result.tested,
             "top_indices": top_indices, "top_scores": top_scores, "protocol": result}

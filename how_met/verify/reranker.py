@@ -293,6 +293,17 @@ class Reranker:
         The model maps query keypoints onto candidate keypoints; the result's inlier mask is
         over the (prefiltered) tentative correspondences.
         """
+        result, tentative, _, _ = self._verify(query, cand)
+        return result, tentative
+
+    def inlier_matches(self, query: _ImageData, cand: _ImageData) -> Tuple[np.ndarray, np.ndarray, RansacResult, int]:
+        """The evidence of one pair: (query points (n, 2), candidate points (n, 2)) of the inlier
+        correspondences in original-image pixels, the RANSAC result and the tentative count."""
+        result, tentative, q, d = self._verify(query, cand)
+        mask = np.asarray(result.inlier_mask, bool)
+        return query.keypoints[q[mask]], cand.keypoints[d[mask]], result, tentative
+
+    def _verify(self, query: _ImageData, cand: _ImageData):
         p = self.spatial
         q, d, _ = self.correspondences(query, cand)
         tentative = len(q)
@@ -307,7 +318,7 @@ class Reranker:
                         scale_tolerance=p.scale_tolerance, max_scale_change=p.max_scale_change,
                         max_hypotheses=p.max_hypotheses, lo_iterations=p.lo_iterations, seed=p.seed,
                         src_ids=q, dst_ids=d)
-        return result, tentative
+        return result, tentative, q, d
 
     def score_candidates(self, query: Union[LocalFeatures, _ImageData], candidate_keys: Sequence[str],
                          verify: bool = True) -> Tuple[np.ndarray, np.ndarray, List[dict]]:

@@ -104,8 +104,8 @@ def _auc(positive, negative):
 
 
 @pytest.mark.slow
-def test_museum_end_to_end_and_resume(tmp_path, museum_dir, monkeypatch):
-    results = run_evaluation(museum_dir, tmp_path / "w", settings=QUICK_SETTINGS, cv=2)
+def test_museum_end_to_end_and_resume(museum_evaluation, museum_dir, monkeypatch):
+    work, results = museum_evaluation
     assert results["protocol"] == "2-fold cross-tuning"
     gap = {name: m["GAP"] for name, m in results["methods"].items()}
     # Measured with the quick settings: global 97.4, how-asmk 92.5, fusion 97.6, global+rerank 99.1.
@@ -114,7 +114,7 @@ def test_museum_end_to_end_and_resume(tmp_path, museum_dir, monkeypatch):
 
     # Spatial verification tells photos of exhibits from distractors better than the ASMK score:
     # compare the best inlier count and the best ASMK score in each query's shortlist.
-    scores = load_rerank_scores(tmp_path / "w")
+    scores = load_rerank_scores(work)
     queries = json.loads((museum_dir / "queries.json").read_text())
     is_exhibit = {q["path"]: "MET_id" in q for q in queries}
     exhibit = np.array([is_exhibit[k] for k in scores.query_keys])
@@ -137,7 +137,7 @@ def test_museum_end_to_end_and_resume(tmp_path, museum_dir, monkeypatch):
     monkeypatch.setattr(query, "query_store", fail)
     monkeypatch.setattr(global_search, "global_neighbours", fail)
     monkeypatch.setattr(shortlist_scores, "score_shortlist", fail)
-    again = run_evaluation(museum_dir, tmp_path / "w", settings=QUICK_SETTINGS, cv=2)
+    again = run_evaluation(museum_dir, work, settings=QUICK_SETTINGS, cv=2)
     for name in gap:
         assert again["methods"][name]["GAP"] == results["methods"][name]["GAP"]
 
@@ -149,3 +149,21 @@ def test_a_changed_rerank_shortlist_needs_a_new_work_dir(tmp_path):
     record_settings(tmp_path, DEFAULT_SETTINGS)  # the same settings resume
     with pytest.raises(ValueError, match="other settings.*rerank_shortlist"):
         record_settings(tmp_path, {**DEFAULT_SETTINGS, "rerank_shortlist": 50})
+
+
+@pytest.mark.slow
+def test_predictions_files_rank_by_log_odds_like_results(museum_evaluation):
+    """GAP recomputed from predictions/<method>.json, fold by fold and ranked by the stored
+    log-odds, is the GAP of results.json (the confidence saturates at 1.0: it cannot rank)."""
+    from how_met.recognition.metrics import evaluate_predictions
+    work, results = museum_evaluation
+    for name, method in results["methods"].items():
+        rows = json.loads((work / "predictions" / f"{name}.json").read_text())
+        for f, fold in enumerate(method["per_fold"]):
+            mine = [r for r in rows if r["fold"] == f]
+            log_odds = [-np.inf if r["log_odds"] is None else r["log_odds"] for r in mine]
+            metrics = evaluate_predictions([r["pred"] for r in mine], log_odds, [r["label"] for r in mine])
+            assert 100 * metrics["GAP"] == pytest.approx(fold["GAP"], abs=1e-9), (name, f)
+            accepted = [r for r in mine if r["accepted"]]
+            test = fold["accept"]["test"]
+            assert len(accepted) == test["accepted"] and sum(r["correct"] for r in accepted) == test["accepted_right"]

@@ -2,6 +2,7 @@
 real headless browser (Debian's chromium; skipped when it is not installed)."""
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -15,6 +16,7 @@ import pytest
 from PIL import Image
 
 from how_met import cli
+from how_met.pipeline.evidence import write_evidence
 from how_met.pipeline.figures import precision_curve
 from how_met.pipeline.photos import skimage_photo
 from how_met.pipeline.report import METRIC_COLUMNS, format_metric, write_report
@@ -23,6 +25,7 @@ CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/ch
                                         else None)
 DATASET_NAME = 'fabricated museum <&> "quoted"'
 METHODS = ("global", "how-asmk", "fusion", "global+rerank")
+MAIN_METHOD = "global+rerank"  # the recogniser's method, whose evidence the cards draw
 KS = [1, 2, 3, 5, 7, 10, 15, 20, 50]
 TS = [0.01, 0.1, 1, 5, 10, 15, 20, 25, 30, 50, 100, 500]
 
@@ -79,6 +82,7 @@ def fabricate_work_dir(root: Path, n_classes: int = 6, n_met_queries: int = 7,
         "protocol": "2-fold cross-tuning",
         "methods": {}, "tuning": {},
     }
+    evidence = {}
     for m, method in enumerate(METHODS):
         predictions = []
         for key, label in queries:
@@ -92,9 +96,17 @@ def fabricate_work_dir(root: Path, n_classes: int = 6, n_met_queries: int = 7,
                     "score": round(float(s), 4)} for j, s in zip(ranked, scores)]
             pred = top[0]["label"]
             correct = label >= 0 and pred == label
-            conf = float(np.clip(rng.uniform(0.5, 1.0) if correct else rng.uniform(0, 0.7), 0, 1))
-            predictions.append({"query": key, "label": label, "pred": pred,
-                                "conf": round(conf, 4), "correct": bool(correct), "top": top})
+            conf = float(np.clip(rng.uniform(0.5, 1.0) if correct else rng.uniform(0, 0.7), 0.01, 0.99))
+            log_odds = float(np.log(conf / (1 - conf)))
+            predictions.append({"query": key, "label": label, "pred": pred, "log_odds": log_odds,
+                                "conf": round(conf, 4), "accepted": conf >= 0.6, "correct": bool(correct),
+                                "top": top})
+            if method == MAIN_METHOD:  # the inlier correspondences with its top candidate
+                n = int(rng.integers(4, 40))
+                query_xy = rng.uniform([0, 0], [150, 110], size=(n, 2))
+                evidence[(key, top[0]["key"])] = {
+                    "query_xy": query_xy, "db_xy": query_xy * [120 / 150, 100 / 110] + rng.normal(0, 2, (n, 2)),
+                    "inliers": n, "tentative": 3 * n, "global": 0.5, "asmk": 0.00172}
         (work / "predictions" / f"{method}.json").write_text(json.dumps(predictions))
         _, precision, recall = precision_curve(predictions)
         gap = float(np.sum(precision * np.diff(np.concatenate([[0.0], recall])))) * 100
@@ -113,7 +125,10 @@ def fabricate_work_dir(root: Path, n_classes: int = 6, n_met_queries: int = 7,
         if method != "fusion":
             grid = rng.uniform(0, 60, size=(len(KS), len(TS))).round(2)
             results["tuning"][method] = {"K": KS, "t": TS, "GAP": grid.tolist()}
-    results["notes"] = {"global_whitening": "skipped: too few database images"}
+    results["notes"] = {"global_whitening": "skipped: too few database images",
+                        "fusion confidence": "every query has the same confidence (log-odds 3.4)"}
+    results["recogniser"] = {"method": MAIN_METHOD}
+    write_evidence(work / "evidence.h5", evidence)
     (work / "results.json").write_text(json.dumps(results, indent=1))
     (work / "results.md").write_text("| method | GAP |\n|---|---|\n")
     return work
@@ -158,7 +173,8 @@ def test_report_references_only_files_that_exist(built_report):
     # Every figure and thumbnail is a real PNG/JPEG file.
     for link in {unquote(link) for link in files if link.endswith((".png", ".jpg"))}:
         with Image.open(index.parent / link) as img:
-            assert img.size[0] > 0 and max(img.size) <= (2000 if "figures" in link else 128)
+            limit = 2000 if "figures" in link else 1000 if link.startswith("matches/") else 128
+            assert img.size[0] > 0 and max(img.size) <= limit
 
 
 def test_report_content_is_escaped_and_complete(built_report):
@@ -167,7 +183,7 @@ def test_report_content_is_escaped_and_complete(built_report):
     results = json.loads((work / "results.json").read_text())
     assert DATASET_NAME not in page and "fabricated museum &lt;&amp;&gt; &quot;quoted&quot;" in page
     assert "visitor #0 & co" not in page and "visitor #0 &amp; co" in page
-    assert page.count('<article class="query"') == results["dataset"]["n_queries"]
+    assert page.count('<article class="query') == results["dataset"]["n_queries"]
     for method in METHODS:
         assert f'data-method="{method}"' in page
     assert (index.parent / "figures").is_dir()
@@ -176,7 +192,7 @@ def test_report_content_is_escaped_and_complete(built_report):
     assert (index.parent / "thumbs" / "missing.png").is_file()  # the gone database image
     assert "global_whitening" in page and "skipped: too few database images" in page
     limited = write_report(work, out=work / "small", n_queries_shown=3)
-    assert limited.read_text().count('<article class="query"') == 3
+    assert limited.read_text().count('<article class="query') == 3
     assert "Showing 3 of 10 queries" in limited.read_text()
 
 
@@ -193,6 +209,43 @@ def test_report_shows_the_spread_of_a_repeated_run(tmp_path):
     assert "GAP_std" not in row and "per_repeat" not in row  # not listed as tuned parameters
     other = page.split('data-method="global"')[1].split("</tr>")[0]
     assert "\u00b1" not in other  # a method without repeats shows its value alone
+
+
+def _cards(page: str):
+    """(query key, is a failure) of each card, in page order."""
+    return [(html.unescape(key), "failure" in css)
+            for css, key in re.findall(r'<article class="([^"]*)" data-query="([^"]*)"', page)]
+
+
+def test_cards_put_failures_first_and_draw_the_evidence(built_report):
+    work, index = built_report
+    page = index.read_text(encoding="utf-8")
+    main = {p["query"]: p for p in json.loads((work / "predictions" / f"{MAIN_METHOD}.json").read_text())}
+    shown = _cards(page)
+    flags = [failure for _, failure in shown]
+    assert flags == sorted(flags, reverse=True) and any(flags) and not all(flags)
+    for key, failure in shown:  # a failure: a wrong exhibit, or a distractor it accepted
+        p = main[key]
+        assert failure == ((p["label"] >= 0 and not p["correct"]) or (p["label"] < 0 and p["accepted"]))
+    failed = [main[k]["log_odds"] for k, f in shown if f]
+    assert failed == sorted(failed, reverse=True)  # the most confident failure first
+    drawings = re.findall(r'<img src="(matches/[^"]+\.jpg)"', page)
+    assert len(drawings) == len(main)  # every query: its correspondences with the top candidate
+    assert "inliers of" in page and "tentative correspondences" in page
+    assert "ASMK 0.00172" in page  # three significant digits, not 0.002
+    assert "log-odds" in page
+    assert '<p class="warning"><strong>fusion confidence</strong>' in page
+
+
+def test_report_pages_keep_a_few_thousand_queries_usable(built_report):
+    work, _ = built_report
+    index = write_report(work, out=work / "paged", page_size=4)
+    pages = [index, index.parent / "queries-2.html", index.parent / "queries-3.html"]
+    shown = [card for page in pages for card in _cards(page.read_text(encoding="utf-8"))]
+    assert [len(_cards(p.read_text(encoding="utf-8"))) for p in pages] == [4, 4, 2]
+    assert len({key for key, _ in shown}) == 10
+    assert 'href="queries-3.html#queries"' in index.read_text(encoding="utf-8")
+    assert "Metrics" not in pages[1].read_text(encoding="utf-8")  # later pages: cards only
 
 
 def test_report_cli_and_errors(tmp_path, capsys):

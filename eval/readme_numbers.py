@@ -37,34 +37,39 @@ def table(results_md: Path) -> str:
     return "\n".join(line for line in results_md.read_text().splitlines() if line.startswith("|"))
 
 
-def identify_figures(work: Path, museum: Path) -> str:
-    """Run ``how-met identify`` on every query photo; compare with recogniser.json's promise."""
+def identify_figures(work: Path, museum: Path, answers=None) -> str:
+    """Run ``how-met identify`` on every query photo (or take its output lines ``answers``) and
+    compare with what recogniser.json promised on the validation queries."""
     from how_met.datasets import load_dataset
     from how_met.recognition.acceptance import acceptance_figures
     from how_met.recognition.protocol import protocol_folds
     recogniser = json.loads((work / "recogniser" / "recogniser.json").read_text())
     ds = load_dataset(museum)
-    photos = [str(ds.image_root / k) for k in ds.query_keys]
-    lines = run("identify", "--recogniser", str(work / "recogniser"), *photos).strip().splitlines()
-    answers = [json.loads(line) for line in lines]
+    if answers is None:
+        photos = [str(ds.image_root / k) for k in ds.query_keys]
+        answers = run("identify", "--recogniser", str(work / "recogniser"), *photos).strip().splitlines()
+    by_photo = {Path(a["image"]).relative_to(ds.image_root).as_posix(): a for a in map(json.loads, answers)}
+    answers = [by_photo[k] for k in ds.query_keys]
     log_odds = np.array([-np.inf if a["log_odds"] is None else a["log_odds"] for a in answers])
     accepted = np.array([a["accepted"] for a in answers])
-    predicted = np.array([a["exhibit"] if a["accepted"] else (a["top"][0]["exhibit"] if a["top"] else -1)
-                          for a in answers], np.int64)
+    predicted = np.array([a["exhibit"] if a["accepted"] else -1 for a in answers], np.int64)
     threshold = recogniser["accept"]["log_odds"]
     assert (log_odds[accepted] >= threshold).all()
     _, folds = protocol_folds(ds, 2, 0)
     tune_rows, test_rows = folds[0]
     rows = []
     for name, positions, promised in (("validation (tuning queries of fold 1)", tune_rows, recogniser["accept"]["tuning"]),
-                                      ("held out (test queries of fold 1)", test_rows, recogniser["accept"]["test"])):
+                                      ("held out (test queries of fold 1)", test_rows, recogniser["accept"]["test"]),
+                                      ("all", np.arange(len(answers)), None)):
         got = acceptance_figures(np.where(accepted[positions], np.inf, -np.inf), predicted[positions],
                                  ds.query_labels[positions], 0.0)
+
+        def cell(key):
+            return f"{got[key]}" + ("" if promised is None else f" ({promised[key]})")
         rows.append(f"| {name} | {got['queries']} ({got['distractors']} distractors) | {got['accepted']} | "
-                    f"{got['precision']} ({promised['precision']}) | {got['positives_right']} "
-                    f"({promised['positives_right']}) | {got['distractors_rejected']} ({promised['distractors_rejected']}) |")
-    header = ("| queries | photos | accepted | precision of accepted (validation) | positives answered right "
-              "(validation) | distractors rejected (validation) |\n|---|---:|---:|---:|---:|---:|")
+                    f"{cell('precision')} | {cell('positives_right')} | {cell('distractors_rejected')} |")
+    header = ("| queries | photos | accepted | precision of accepted (evaluate) | positives answered right "
+              "(evaluate) | distractors rejected (evaluate) |\n|---|---:|---:|---:|---:|---:|")
     return (f"Recogniser: method {recogniser['method']}, K {recogniser['K']}, t {recogniser['t']}, accept at "
             f"log-odds >= {threshold:.3g} (target precision {recogniser['accept']['target_precision']}).\n\n"
             + header + "\n" + "\n".join(rows))

@@ -67,7 +67,8 @@ def _add_extractor_options(p: argparse.ArgumentParser, config_default=feature_se
     """How features are extracted (what ``_extraction_config`` reads)."""
     p.add_argument("--config", default=config_default, choices=sorted(feature_settings.CONFIGS),
                    help="named extraction config")
-    p.add_argument("--checkpoint", help="HOW checkpoint or how-met model file (path or URL)")
+    p.add_argument("--checkpoint", help="HOW checkpoint, how-met model file (path or URL) or shipped model name "
+                                        f"({', '.join(feature_settings.SHIPPED_MODELS)})")
     p.add_argument("--backbone", choices=sorted(feature_settings.BACKBONES), metavar="NAME",
                    help=f"override the config's backbone: {', '.join(feature_settings.BACKBONES)}")
     p.add_argument("--layer", help="trunk layer for local features (e.g. blocks.11.expand, head)")
@@ -303,7 +304,13 @@ def _configure_evaluate(p: argparse.ArgumentParser) -> None:
     _add_extractor_options(p, config_default=None)
     p.add_argument("--codebook",
                    help="codebook file trained separately (how-met codebook); default: train on the database")
-    p.add_argument("--codebook-size", type=int, help="visual words (default: ~200 descriptors per word)")
+    p.add_argument("--codebook-size", type=int,
+                   help="visual words of a codebook trained on the database (default: ~200 descriptors per word)")
+    p.add_argument("--unsupervised", default="auto",
+                   choices=["auto", "database"] + sorted(feature_settings.SHIPPED_MODELS),
+                   help="where the whitening and codebook come from: auto = the shipped ones for a "
+                        "database smaller than their training corpus, else learned from the database")
+    p.add_argument("--seed", type=int, default=0, help="codebook and fold-split seed")
     p.add_argument("--global-dims", type=int, help="PCA-whitened global descriptor dims")
     p.add_argument("--methods", help=f"comma-separated subset of {','.join(pipeline_settings.METHODS)}")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (logged)")
@@ -324,7 +331,7 @@ def _evaluation_settings(args) -> dict:
     if args.config in pipeline_settings.PUBLISHED:  # the published pipeline, not only its extraction
         settings.update(copy.deepcopy(pipeline_settings.PUBLISHED[args.config]))
     settings["extract"] = _extraction_config(args, base=settings["extract"])
-    for name in ("checkpoint", "codebook", "codebook_size", "global_dims", "target_precision"):
+    for name in ("checkpoint", "codebook", "codebook_size", "global_dims", "target_precision", "unsupervised", "seed"):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
     if args.methods:

@@ -30,6 +30,11 @@ def landmarks_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def grocery_dir() -> Path:
+    return _dataset_dir("grocery")
+
+
+@pytest.fixture(scope="session")
 def museum_pairs(museum_dir):
     """[(query key, its database key)] for the positive museum queries, and db keys by class."""
     db = json.loads((museum_dir / "database.json").read_text())

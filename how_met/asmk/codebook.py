@@ -291,19 +291,27 @@ class Codebook:
         return quantisation_recall(self, descriptors, k)
 
     # -- files -----------------------------------------------------------------------------------
-    def save(self, path: os.PathLike) -> Path:
-        """Write ``path`` (.npz, plain arrays) and a readable ``<path>.json`` metadata copy."""
+    def save(self, path: os.PathLike, float16: bool = False) -> Path:
+        """Write ``path`` (.npz, plain arrays) and a readable ``<path>.json`` metadata copy.
+
+        ``float16`` halves the file (for codebooks shipped in the repository): the centroids
+        become their float16 values first, so the recorded fingerprint is what ``load`` reads.
+        """
         path = Path(path)
         if path.suffix != ".npz":
             path = path.with_name(path.name + ".npz")
         centroids = self._require()
+        if float16:
+            self.centroids = centroids = np.ascontiguousarray(centroids.astype(np.float16).astype(np.float32))
+            self._exact = self._approx = None
         if self.method == "ivf":
             self._approx_index()  # train the coarse centroids once, store them with the file
         meta = dict(self.meta)
         meta.update({"format": FORMAT, "format_version": FORMAT_VERSION, "size": int(len(centroids)),
                      "dim": int(centroids.shape[1]), "fingerprint": self.fingerprint,
                      "search": self.search_settings()})
-        arrays = {"centroids": centroids, "meta_json": np.array(json.dumps(meta, sort_keys=True))}
+        arrays = {"centroids": centroids.astype(np.float16) if float16 else centroids,
+                  "meta_json": np.array(json.dumps(meta, sort_keys=True))}
         if self.coarse_centroids is not None:
             arrays["coarse_centroids"] = self.coarse_centroids
         with atomic_path(path) as tmp:
@@ -355,6 +363,14 @@ class Codebook:
             cb.coarse_centroids = coarse
         cb.path = path
         return cb
+
+    def check_model(self, fingerprint: Optional[str], source: str) -> None:
+        """Refuse descriptors of another model than the one this codebook was trained on (when
+        both fingerprints are known: codebooks made before they were recorded are accepted)."""
+        recorded = self.meta.get("model_fingerprint")
+        if recorded and fingerprint and recorded != fingerprint:
+            raise ValueError(f"codebook {self.fingerprint} was trained on descriptors of model {recorded}; "
+                             f"{source} comes from model {fingerprint}")
 
     def __repr__(self) -> str:
         if self.centroids is None:

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 from typing import Dict
 
+
 # Word assignment: "exact" (faiss flat L2, batched BLAS on all configured threads) or, by name,
 # an approximate search over the centroids ("ivf", "hnsw"). "auto" (the default, and what
 # codebook files of round 1 recorded) is exact at every size since issue 12: on

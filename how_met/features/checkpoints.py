@@ -16,6 +16,8 @@ import torch
 
 from .backbones import BACKBONES
 from .network import HOWNet, ModelConfig, model_fingerprint
+from .settings import SHIPPED_MODELS
+from .shipped import load_shipped_model
 from ..utils import atomic_path
 
 CHECKPOINT_FORMAT = "how-met/1"
@@ -53,7 +55,10 @@ def _official_backbone(arch: str, skip_layer: int) -> Tuple[str, str]:
 
 
 def load_model(source: str, device: str = "cpu") -> HOWNet:
-    """Load an official HOW checkpoint (old or new layout) or a how-met model file."""
+    """Load an official HOW checkpoint (old or new layout), a how-met model file, or a shipped
+    whitening (its name in ``SHIPPED_MODELS`` or a ``.whitening.npz`` file) on the offline trunk."""
+    if str(source) in SHIPPED_MODELS or str(source).endswith(".whitening.npz"):
+        return load_shipped_model(source, device)
     ckpt = _read_checkpoint(source)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise RuntimeError(f"{source}: no 'state_dict' in checkpoint")
@@ -94,10 +99,7 @@ def load_model(source: str, device: str = "cpu") -> HOWNet:
     if extra:  # e.g. layer4 weights in a skip_layer checkpoint: ignore what the trunk drops
         trunk_state = {k: v for k, v in trunk_state.items() if k in expected}
     model.trunk.features.load_state_dict(trunk_state)
-    with torch.no_grad():
-        model.dim_reduction.weight.copy_(state[w_key].reshape(model.dim_reduction.weight.shape))
-        model.dim_reduction.bias.copy_(state[b_key])
-    model.whitening_learned.fill_(True)
+    model.set_reduction(state[w_key], state[b_key])
     return model.to(device).eval()
 
 

@@ -106,7 +106,8 @@ def _extract_batches(model: HOWNet, image_root: Path, keys: Sequence[str], confi
             with ctx:
                 outs = model.extract(images, config["scales"], features_num or config["features_num"],
                                      gem=config.get("gem", True), reduce=reduce,
-                                     resize_rule=config.get("resize_rule", DEFAULT_RESIZE_RULE))
+                                     resize_rule=config.get("resize_rule", DEFAULT_RESIZE_RULE),
+                                     upscale_limit=(config["image_size"] or None) if config.get("upscale_to_image_size") else None)
             for (key, tensor, original, _), out in zip(batch, outs):
                 input_size = (int(tensor.shape[2]), int(tensor.shape[1]))
                 yield key, _to_local_features(out, original, input_size, config.get("gem", True))

@@ -110,12 +110,20 @@ class HOWNet(nn.Module):
         """Set the 1x1 reduction to x -> projection @ (x - mean). projection: (dim, C)."""
         projection = torch.as_tensor(projection, dtype=torch.float32)
         mean = torch.as_tensor(mean, dtype=torch.float32)
-        if projection.shape != (self.config.dim, self.trunk.channels):
-            raise ValueError(f"whitening projection has shape {tuple(projection.shape)}, "
-                             f"expected {(self.config.dim, self.trunk.channels)}")
+        self.set_reduction(projection, -projection @ mean)
+
+    def set_reduction(self, weight, bias) -> None:
+        """Set the 1x1 reduction to x -> weight @ x + bias (weight (dim, C) or (dim, C, 1, 1))."""
+        weight = torch.as_tensor(weight, dtype=torch.float32)
+        bias = torch.as_tensor(bias, dtype=torch.float32)
+        expected = (self.config.dim, self.trunk.channels)
+        if tuple(weight.shape[:2]) != expected or weight.numel() != expected[0] * expected[1] \
+                or tuple(bias.shape) != (expected[0],):
+            raise ValueError(f"reduction weight/bias have shapes {tuple(weight.shape)}/{tuple(bias.shape)}, "
+                             f"expected {expected}/{(expected[0],)}")
         with torch.no_grad():
-            self.dim_reduction.weight.copy_(projection[:, :, None, None])
-            self.dim_reduction.bias.copy_(-projection @ mean)
+            self.dim_reduction.weight.copy_(weight.reshape(self.dim_reduction.weight.shape))
+            self.dim_reduction.bias.copy_(bias)
         self.whitening_learned.fill_(True)
 
     def fused(self) -> "HOWNet":
@@ -161,17 +169,24 @@ class HOWNet(nn.Module):
     def extract(self, images_uint8: torch.Tensor, scales: Sequence[float] = (1.0, 0.707, 0.5),
                 features_num: int = 1000, gem: bool = True, reduce: bool = True,
                 gem_scales: Sequence[float] = GEM_SCALES, gem_p: float = 3.0,
-                resize_rule: str = DEFAULT_RESIZE_RULE) -> List[LocalOutput]:
+                resize_rule: str = DEFAULT_RESIZE_RULE,
+                upscale_limit: Optional[int] = None) -> List[LocalOutput]:
         """Multi-scale HOW extraction for a batch of same-size images (B, 3, H, W) uint8.
 
         ``reduce=False`` returns the smoothed trunk features (C dims) instead of whitened
         ones -- what PCA-whitening is learned from. ``gem`` adds the multi-scale GeM global
         descriptor (trunk's global map, scales ``gem_scales``), sharing forward passes.
+        ``upscale_limit``: a scale above 1 is used only if it keeps the longer side within
+        this many pixels, so small images are enlarged up to the resolution large ones are
+        seen at, and large ones are not enlarged at all (None: every scale is used).
         """
         x = self.normalize(images_uint8)
         if x.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
         batch = x.shape[0]
+        if upscale_limit is not None:
+            longer = max(x.shape[-2:])
+            scales = [s for s in scales if s <= 1.0 or longer * s <= upscale_limit]
         all_scales = list(dict.fromkeys(list(scales) + (list(gem_scales) if gem else [])))
         per_scale = []  # (scale, attention (B,h,w), feats (B,D,h,w))
         gem_sum = None

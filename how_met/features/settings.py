@@ -9,6 +9,7 @@ import copy
 import json
 import logging
 from dataclasses import asdict
+from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 logger = logging.getLogger(__name__)
@@ -38,10 +39,14 @@ BACKBONES: Dict[str, Tuple[str, str, int, Optional[str]]] = {
 # Named extraction configs (the "model" part builds the network; the rest drives extraction).
 # Defaults measured on ../shared/data/museum (see README "Choosing the defaults"): the
 # stride-16 expansion of block 11, 3 scales and images <= 500 px.
+# "upscale_to_image_size": a scale above 1 is used only while it keeps the longer side within
+# image_size, so a 200 px catalogue photo is also seen at 400 px like a 500 px one at 1.0 (see
+# README "Choosing the defaults": grocery HOW+ASMK 48 -> 62 GAP, museum and landmarks unchanged).
 CONFIGS: Dict[str, dict] = {
     "lite0": {
         "model": {"backbone": "efficientnet-lite0", "layer": None, "dim": 128},
-        "scales": [1.0, 0.707, 0.5],
+        "scales": [2.0, 1.414, 1.0, 0.707, 0.5],
+        "upscale_to_image_size": True,
         "features_num": 1000,
         "image_size": 500,
         "gem": True,
@@ -67,6 +72,28 @@ for _name, _backbone in (("how-r18", "resnet18"), ("how-r50", "resnet50")):
                       "image_size": 1024, "resize_rule": "floor", "image_loading": "official"}
 
 DEFAULT_CONFIG = "lite0"
+
+# Shipped unsupervised parts (codebooks/README.md): the PCA-whitening of the reduction layer
+# and a visual codebook, learned from ../shared/data/corpus (generic photos, no evaluation
+# image) with the extractor named in "model". A small database uses them instead of learning
+# its own (pipeline.settings.DATABASE_TRAINS_FROM).
+REPO_CODEBOOKS = Path(__file__).resolve().parents[2] / "codebooks"
+SHIPPED_MODELS: Dict[str, dict] = {
+    "lite0-corpus-v1": {
+        "model": {"backbone": "efficientnet-lite0", "layer": "blocks.11.expand", "dim": 128},
+        "whitening": "lite0-corpus-v1.whitening.npz",
+        "codebook": "lite0-corpus-v1-1k.npz",
+        "training_images": 1092,
+    },
+}
+DEFAULT_SHIPPED = "lite0-corpus-v1"
+
+
+def shipped_path(name: str, part: str) -> Path:
+    """The file of a shipped model's ``part`` ("whitening" or "codebook")."""
+    if name not in SHIPPED_MODELS:
+        raise ValueError(f"unknown shipped model {name!r}; choose from {', '.join(SHIPPED_MODELS)}")
+    return REPO_CODEBOOKS / SHIPPED_MODELS[name][part]
 WHITEN_IMAGES = 1000       # images PCA-whitening is learned from when a model has none
 WHITEN_FEATURES = 1000     # features per image for it (SPEC: up to 1000)
 
@@ -99,6 +126,7 @@ def store_config(model, config: dict) -> dict:
         "gem": bool(config.get("gem", True)),
         "resize_rule": config.get("resize_rule", DEFAULT_RESIZE_RULE),
         "image_loading": config.get("image_loading", "how-met"),
+        "upscale_to_image_size": bool(config.get("upscale_to_image_size", False)),
     }
 
 

@@ -42,7 +42,7 @@ from ..recognition.acceptance import degenerate_confidence
 from ..recognition.protocol import protocol_folds, tune_and_test
 from ..utils import configure_threads, library_versions, write_json
 from .evidence import stage_evidence
-from .settings import METHODS, merge_settings
+from .settings import METHODS, merge_settings, unsupervised_source
 from .stages import (Timings, record_settings, aligned, dir_megabytes, stage_asmk_query, stage_codebook, stage_extract,
                      stage_global, stage_index, stage_rerank)
 
@@ -212,6 +212,7 @@ def run_evaluation(data_dir=None, work_dir="how-met-work", settings: Optional[di
                "environment": {"threads": {"extract": timings.get("extract_threads"), "other stages": threads},
                                "versions": library_versions()},
                "methods": {}, "tuning": {}, "notes": {}}
+    results["notes"]["unsupervised"] = unsupervised_source(settings, len(ds.db_keys)) or "database"
     if timings.get("global_whitening"):
         results["notes"]["global_whitening"] = timings.get("global_whitening")
     (work / "predictions").mkdir(exist_ok=True)

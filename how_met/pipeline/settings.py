@@ -7,7 +7,7 @@ import copy
 from typing import Optional
 
 from ..asmk.settings import OFFICIAL_POINTS_PER_CENTROID, OFFICIAL_SEED
-from ..features.settings import CONFIGS, DEFAULT_CONFIG
+from ..features.settings import CONFIGS, DEFAULT_CONFIG, DEFAULT_SHIPPED, SHIPPED_MODELS
 from ..recognition.acceptance import DEFAULT_TARGET_PRECISION
 
 METHODS = ("global", "how-asmk", "fusion", "global+rerank")
@@ -26,6 +26,10 @@ DEFAULT_SETTINGS = {
     "methods": list(METHODS),
     "seed": 0,
     "target_precision": DEFAULT_TARGET_PRECISION,  # the recogniser's accept threshold: validation precision
+    # Where the whitening and the codebook come from: "auto" (the shipped parts for a database
+    # smaller than their training corpus, see unsupervised_source), "database", or a name in
+    # SHIPPED_MODELS.
+    "unsupervised": "auto",
 }
 # Fast settings for the test suite and `how-met demo --quick`.
 QUICK_SETTINGS = {
@@ -47,6 +51,33 @@ PUBLISHED = {
            "global_dims": 512}
     for name in ("how-r18", "how-r50")
 }
+
+
+def unsupervised_source(settings: dict, n_db_images: int) -> Optional[str]:
+    """The shipped model whose whitening and codebook an evaluation uses, or None when the
+    database learns its own.
+
+    "auto" takes the default shipped parts when the extractor is theirs and the database has
+    fewer images than the corpus they were learned from. Measured (README "Choosing the
+    defaults", mean +- std over 3 seeds): on every shared set -- 9, 31 and 231 database images
+    -- corpus-learned parts are better than database-learned ones, so only a database larger
+    than the corpus (more images to learn the same parts from) trains its own.
+    """
+    choice = settings.get("unsupervised", "auto")
+    if choice == "database":
+        return None
+    if choice != "auto":
+        if choice not in SHIPPED_MODELS:
+            raise ValueError(f"unknown unsupervised source {choice!r}; choose auto, database or "
+                             f"one of {', '.join(SHIPPED_MODELS)}")
+        return choice
+    shipped = SHIPPED_MODELS[DEFAULT_SHIPPED]
+    model, theirs = settings["extract"]["model"], shipped["model"]
+    same_extractor = (model["backbone"] == theirs["backbone"] and model.get("dim") == theirs["dim"]
+                      and model.get("layer") in (None, theirs["layer"]))
+    if settings.get("checkpoint") or not same_extractor or n_db_images >= shipped["training_images"]:
+        return None
+    return DEFAULT_SHIPPED
 
 
 def merge_settings(settings: Optional[dict], overrides: dict) -> dict:

@@ -12,15 +12,18 @@ import numpy as np
 from ..datasets import Dataset
 from ..features.checkpoints import build_model, load_model, save_model
 from ..features.extract import extract_to_store
+from ..features.settings import shipped_path
+from ..features.shipped import apply_whitening
 from ..features.store import FeatureStore
 from ..neighbours import Neighbours
 from ..utils import atomic_path, configured_threads, write_json
+from .settings import unsupervised_source
 
 # Settings whose change makes a stage's saved output stale: a work directory made with other
 # values is refused rather than silently resumed.
 RESUME_KEYS = ("extract", "checkpoint", "codebook", "codebook_size", "codebook_iterations",
                "codebook_points_per_centroid", "multiple_assignment", "neighbours", "global_dims",
-               "rerank_shortlist", "seed")
+               "rerank_shortlist", "seed", "unsupervised")
 
 
 def record_settings(work: Path, settings: dict) -> None:
@@ -56,6 +59,8 @@ class Timings:
 
 
 def stage_extract(ds: Dataset, work: Path, settings: dict, timings: Timings, device: str) -> Path:
+    """Features of every image; the model's whitening is the shipped one (unsupervised_source)
+    or is learned from the database images."""
     features = work / "features.h5"
     model_path = work / "model.pt"
     if model_path.exists():
@@ -63,6 +68,9 @@ def stage_extract(ds: Dataset, work: Path, settings: dict, timings: Timings, dev
     else:
         model = build_model(**settings["extract"]["model"], checkpoint=settings.get("checkpoint"),
                             device=device)
+        shipped = unsupervised_source(settings, len(ds.db_keys))
+        if shipped:
+            apply_whitening(model, shipped)
     stats = extract_to_store(ds.image_root, ds.all_keys(), features, config=settings["extract"],
                              model=model, device=device, whiten_keys=ds.db_keys,
                              model_out=model_path, skip_bad=settings.get("skip_bad", False))
@@ -76,10 +84,14 @@ def stage_extract(ds: Dataset, work: Path, settings: dict, timings: Timings, dev
 
 def stage_codebook(ds: Dataset, work: Path, features: Path, settings: dict):
     """The codebook file given in the settings (trained separately, as the published one was),
-    else one trained on the database descriptors and kept in the work directory."""
+    else the shipped one when the whitening is shipped (unsupervised_source), else one trained
+    on the database descriptors and kept in the work directory."""
     from ..asmk.codebook import Codebook, codebook_size_for
     if settings.get("codebook"):  # build_index checks that it fits the features
         return Codebook.load(settings["codebook"])
+    shipped = unsupervised_source(settings, len(ds.db_keys))
+    if shipped and not settings.get("codebook_size"):  # the one learned with the shipped whitening
+        return Codebook.load(shipped_path(shipped, "codebook"))
     path = work / "codebook.npz"
     if path.exists():
         return Codebook.load(path)

@@ -123,3 +123,14 @@ def test_model_config_default_is_not_shared():
     assert HOWNet(config, imagenet=False).config.dim == 32
     net = HOWNet(imagenet=False)
     assert net.config == ModelConfig().resolved() and net.config is not HOWNet(imagenet=False).config
+
+
+def test_upscaling_stops_at_the_limit():
+    """A scale above 1 is used only while the longer side stays within upscale_limit."""
+    model = HOWNet(ModelConfig("efficientnet-lite0"), imagenet=False)
+    image = torch.randint(0, 255, (1, 3, 96, 128), dtype=torch.uint8)
+    kept = {limit: set(model.extract(image, [2.0, 1.5, 1.0], 10_000, gem=False, reduce=False,
+                                     upscale_limit=limit)[0].scales.tolist())
+            for limit in (None, 256, 200, 128)}
+    assert kept[None] == kept[256] == {2.0, 1.5, 1.0}
+    assert kept[200] == {1.5, 1.0} and kept[128] == {1.0}

@@ -91,6 +91,27 @@ def test_settings_change_needs_a_new_work_dir(tmp_path):
                        settings={**FAST, "extract": {**FAST["extract"], "features_num": 150}})
 
 
+def test_unsupervised_source_rule():
+    """The shipped whitening + codebook serve a database smaller than their training corpus
+    with their own extractor; otherwise (or when asked) the database trains its own."""
+    from how_met.features.settings import DEFAULT_SHIPPED, SHIPPED_MODELS
+    from how_met.pipeline.settings import DEFAULT_SETTINGS, unsupervised_source
+    corpus = SHIPPED_MODELS[DEFAULT_SHIPPED]["training_images"]
+    assert unsupervised_source(DEFAULT_SETTINGS, 31) == DEFAULT_SHIPPED
+    assert unsupervised_source(DEFAULT_SETTINGS, corpus - 1) == DEFAULT_SHIPPED
+    assert unsupervised_source(DEFAULT_SETTINGS, corpus) is None
+    assert unsupervised_source({**DEFAULT_SETTINGS, "unsupervised": "database"}, 31) is None
+    assert unsupervised_source({**DEFAULT_SETTINGS, "unsupervised": DEFAULT_SHIPPED}, 10 ** 6) == DEFAULT_SHIPPED
+    assert unsupervised_source({**DEFAULT_SETTINGS, "checkpoint": "how_r18.pth"}, 31) is None
+    for model in ({"backbone": "efficientnet-lite1", "layer": None, "dim": 128},
+                  {"backbone": "efficientnet-lite0", "layer": "head", "dim": 128},
+                  {"backbone": "efficientnet-lite0", "layer": None, "dim": 64}):
+        other = {**DEFAULT_SETTINGS, "extract": {**DEFAULT_SETTINGS["extract"], "model": model}}
+        assert unsupervised_source(other, 31) is None, model
+    with pytest.raises(ValueError, match="unknown unsupervised source 'nope'"):
+        unsupervised_source({**DEFAULT_SETTINGS, "unsupervised": "nope"}, 31)
+
+
 def test_auto_codebook_size():
     assert auto_codebook_size(231_000) == 1024
     assert auto_codebook_size(1_000) == 1024

@@ -183,3 +183,12 @@ def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def check_file_format(path, meta: dict, expected: str, version: int, what: str) -> None:
+    """Refuse a self-describing file (its ``meta``) of another format or of a newer version
+    than this how-met reads, with one line naming the file."""
+    if meta.get("format") != expected:
+        raise ValueError(f"{path}: not a how-met {what} (format {meta.get('format')!r})")
+    if int(meta.get("format_version", 0)) > version:
+        raise ValueError(f"{path}: {what} format version {meta['format_version']} is newer than this how-met")

@@ -40,7 +40,7 @@ import numpy as np
 from .settings import (CODEBOOK_DIR, CODEBOOK_RECIPES, DEFAULT_EF_SEARCH, DEFAULT_HNSW_M,
                        DEFAULT_MAX_DESCRIPTORS, DEFAULT_NPROBE, KMEANS_POINTS_PER_WORD, LEGACY_METHOD_NAMES,
                        RECALL_SAMPLE, SEARCH_METHODS, auto_codebook_size)
-from ..utils import atomic_path, progress, utc_now, write_json
+from ..utils import atomic_path, check_file_format, progress, utc_now, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -343,10 +343,7 @@ class Codebook:
                     if "coarse_centroids" in data.files else None
         except (OSError, ValueError, KeyError, EOFError) as exc:
             raise ValueError(f"{path}: not a readable codebook ({type(exc).__name__}: {exc})") from None
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a how-met codebook (format {meta.get('format')!r})")
-        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-            raise ValueError(f"{path}: codebook format version {meta['format_version']} is newer than this how-met")
+        check_file_format(path, meta, FORMAT, FORMAT_VERSION, "codebook")
         if centroids.ndim != 2 or list(centroids.shape) != [meta.get("size"), meta.get("dim")]:
             raise ValueError(f"{path}: centroids of shape {centroids.shape} do not match the "
                              f"metadata (size {meta.get('size')}, dim {meta.get('dim')})")
@@ -363,14 +360,6 @@ class Codebook:
             cb.coarse_centroids = coarse
         cb.path = path
         return cb
-
-    def check_model(self, fingerprint: Optional[str], source: str) -> None:
-        """Refuse descriptors of another model than the one this codebook was trained on (when
-        both fingerprints are known: codebooks made before they were recorded are accepted)."""
-        recorded = self.meta.get("model_fingerprint")
-        if recorded and fingerprint and recorded != fingerprint:
-            raise ValueError(f"codebook {self.fingerprint} was trained on descriptors of model {recorded}; "
-                             f"{source} comes from model {fingerprint}")
 
     def __repr__(self) -> str:
         if self.centroids is None:

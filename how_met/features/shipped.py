@@ -24,7 +24,7 @@ import numpy as np
 
 from .network import HOWNet, ModelConfig, model_fingerprint
 from .settings import SHIPPED_MODELS, shipped_path
-from ..utils import atomic_path
+from ..utils import atomic_path, check_file_format
 
 FORMAT = "how-met-whitening"
 FORMAT_VERSION = 1
@@ -57,10 +57,7 @@ def read_whitening(source: Union[str, os.PathLike]) -> tuple:
             meta = json.loads(str(data["meta_json"]))
     except (KeyError, ValueError, OSError, EOFError) as exc:
         raise ValueError(f"{path}: not a how-met whitening file ({type(exc).__name__}: {exc})") from None
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a how-met whitening file (format {meta.get('format')!r})")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise ValueError(f"{path}: whitening format version {meta['format_version']} is newer than this how-met")
+    check_file_format(path, meta, FORMAT, FORMAT_VERSION, "whitening file")
     meta["path"] = str(path)
     return weight, bias, meta
 

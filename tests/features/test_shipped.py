@@ -7,7 +7,7 @@ import torch
 from how_met.asmk.codebook import Codebook
 from how_met.features.checkpoints import build_model, load_model
 from how_met.features.network import model_fingerprint
-from how_met.features.settings import DEFAULT_SHIPPED, shipped_path
+from how_met.features.settings import DEFAULT_SHIPPED, ModelMismatchError, check_model, shipped_path
 from how_met.features.shipped import apply_whitening, read_whitening, save_whitening
 
 
@@ -32,9 +32,10 @@ def test_shipped_codebook_belongs_to_the_shipped_model(shipped_model):
     codebook = Codebook.load(path)  # also checks the centroids against their fingerprint
     assert (len(codebook.centroids), codebook.dim) == (1024, 128)
     assert codebook.meta["model_fingerprint"] == model_fingerprint(shipped_model)
-    codebook.check_model(model_fingerprint(shipped_model), "the shipped model")
-    with pytest.raises(ValueError, match="other.pt comes from model 0123456789abcdef"):
-        codebook.check_model("0123456789abcdef", "other.pt")
+    assert codebook.model_fingerprint == model_fingerprint(shipped_model)
+    check_model(model_fingerprint(shipped_model), codebook.model_fingerprint, "the shipped model", path)
+    with pytest.raises(ModelMismatchError, match="other.h5 .model 0123456789abcdef. and .*-1k.npz"):
+        check_model("0123456789abcdef", codebook.model_fingerprint, "other.h5", path)
     assert path.stat().st_size < 300_000  # float16 centroids
     with np.load(path, allow_pickle=False) as data:
         assert data["centroids"].dtype == np.float16

@@ -6,21 +6,20 @@ import copy
 
 from how_met.features.settings import DEFAULT_SHIPPED
 from how_met.pipeline.evaluate import run_evaluation
-from how_met.pipeline.settings import QUICK_SETTINGS
+from how_met.pipeline.settings import DEFAULT_SETTINGS
 
-# Quick settings with the default's upscaling (1.414 stays within 320 px for the 198 px
-# database photos). Measured with these settings, seeds 0/1/2: HOW+ASMK GAP see
-# GROCERY_MEASURED; the floor leaves a margin of about 3 std below the lowest.
-GROCERY_MEASURED = None
-HOW_ASMK_FLOOR = None
+# Measured with the default settings, `how-met evaluate --data ../shared/data/grocery --cv 2
+# --seed S`, S = 0/1/2: HOW+ASMK 68.9 / 69.6 / 69.9, global 28.7 / 28.5 / 27.8. Before issue 13
+# (database-learned parts, no upscales): HOW+ASMK 15.4. The floor leaves ~14 GAP of margin for
+# float noise in the learned parts (issue 18 measured swings of ~7 GAP on this set).
+HOW_ASMK_FLOOR = 55.0
 
 
 def test_grocery_how_asmk_beats_global(grocery_dir, tmp_path_factory):
-    settings = copy.deepcopy(QUICK_SETTINGS)
-    settings["extract"]["scales"] = [1.414, 1.0, 0.707]
+    settings = copy.deepcopy(DEFAULT_SETTINGS)
     settings["methods"] = ["global", "how-asmk"]
     results = run_evaluation(grocery_dir, tmp_path_factory.mktemp("grocery"), settings=settings, cv=2)
     assert results["notes"]["unsupervised"] == DEFAULT_SHIPPED
     how_asmk, global_gap = results["methods"]["how-asmk"]["GAP"], results["methods"]["global"]["GAP"]
     assert how_asmk >= HOW_ASMK_FLOOR, results["methods"]
-    assert how_asmk > global_gap + 10, results["methods"]
+    assert how_asmk > global_gap + 20, results["methods"]

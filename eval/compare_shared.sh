@@ -6,6 +6,6 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 DATA=${HOW_MET_SHARED_DATA:-$HERE/../shared/data}
 WORK=${1:-shared-eval}
-for set in museum landmarks; do
+for set in museum landmarks grocery; do
   how-met evaluate --data "$DATA/$set" --cv 2 --work "$WORK/$set"
 done

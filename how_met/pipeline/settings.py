@@ -75,7 +75,8 @@ def unsupervised_source(settings: dict, n_db_images: int) -> Optional[str]:
     model, theirs = settings["extract"]["model"], shipped["model"]
     same_extractor = (model["backbone"] == theirs["backbone"] and model.get("dim") == theirs["dim"]
                       and model.get("layer") in (None, theirs["layer"]))
-    if settings.get("checkpoint") or not same_extractor or n_db_images >= shipped["training_images"]:
+    given = settings.get("checkpoint") or settings.get("codebook")  # their whitening is another one
+    if given or not same_extractor or n_db_images >= shipped["training_images"]:
         return None
     return DEFAULT_SHIPPED
 

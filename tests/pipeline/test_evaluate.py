@@ -103,6 +103,7 @@ def test_unsupervised_source_rule():
     assert unsupervised_source({**DEFAULT_SETTINGS, "unsupervised": "database"}, 31) is None
     assert unsupervised_source({**DEFAULT_SETTINGS, "unsupervised": DEFAULT_SHIPPED}, 10 ** 6) == DEFAULT_SHIPPED
     assert unsupervised_source({**DEFAULT_SETTINGS, "checkpoint": "how_r18.pth"}, 31) is None
+    assert unsupervised_source({**DEFAULT_SETTINGS, "codebook": "met-64k.npz"}, 31) is None
     for model in ({"backbone": "efficientnet-lite1", "layer": None, "dim": 128},
                   {"backbone": "efficientnet-lite0", "layer": "head", "dim": 128},
                   {"backbone": "efficientnet-lite0", "layer": None, "dim": 64}):

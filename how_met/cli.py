@@ -310,7 +310,7 @@ def _configure_evaluate(p: argparse.ArgumentParser) -> None:
                    choices=["auto", "database"] + sorted(feature_settings.SHIPPED_MODELS),
                    help="where the whitening and codebook come from: auto = the shipped ones for a "
                         "database smaller than their training corpus, else learned from the database")
-    p.add_argument("--seed", type=int, default=0, help="codebook and fold-split seed")
+    p.add_argument("--seed", type=int, help="codebook and fold-split seed (default: the config's, else 0)")
     p.add_argument("--global-dims", type=int, help="PCA-whitened global descriptor dims")
     p.add_argument("--methods", help=f"comma-separated subset of {','.join(pipeline_settings.METHODS)}")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (logged)")

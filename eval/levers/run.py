@@ -33,7 +33,7 @@ def moments(descs):
     s1 = sum(d.astype(np.float64).sum(0) for d in descs)
     s2 = sum(d.astype(np.float64).T @ d.astype(np.float64) for d in descs)
     mean = s1 / n
-    return mean, (s2 - n * np.outer(mean, mean)) / (n - 1)
+    return mean, (s2 - n * np.outer(mean, mean)) / (n - 1), n
 
 def corpus_keys(h5):
     found = []
@@ -44,8 +44,8 @@ def corpus_whitening():
     path = OBJ / "corpus_whitening.npz"
     if not path.exists():
         with h5py.File(OBJ / "corpus.h5", "r") as h5:
-            mean, cov = moments([h5[k]["desc"][:] for k in corpus_keys(h5)])
-        m, p = whitening_from_moments(mean, cov, 128)
+            mean, cov, n = moments([h5[k]["desc"][:] for k in corpus_keys(h5)])
+        m, p = whitening_from_moments(mean, cov, n, 128)
         np.savez(path, mean=m, projection=p)
     z = np.load(path)
     return z["mean"], z["projection"]
@@ -71,8 +71,8 @@ def build_store(ds, name, scales, cap, fn, white, out):
     if white == "corpus":
         mean, proj = corpus_whitening()
     else:
-        mean, cov = moments([picked[k][0][:1000] for k in ds.db_keys])
-        mean, proj = whitening_from_moments(mean, cov, 128)
+        mean, cov, n = moments([picked[k][0][:1000] for k in ds.db_keys])
+        mean, proj = whitening_from_moments(mean, cov, n, 128)
     tmp = Path(str(out) + ".tmp")
     if tmp.exists(): tmp.unlink()
     with FeatureStore(tmp, "a") as store:

@@ -3,7 +3,6 @@ normalisation, logging."""
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import logging
 import os
@@ -166,11 +165,6 @@ def write_json(path: os.PathLike, obj, indent: int = 1) -> None:
         with open(tmp, "w") as fh:
             json.dump(obj, fh, indent=indent)
             fh.write("\n")
-
-
-def utc_now() -> str:
-    """The current UTC time as an ISO 8601 string, to the second (for file metadata)."""
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:

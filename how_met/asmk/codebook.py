@@ -40,14 +40,13 @@ import numpy as np
 from .settings import (CODEBOOK_DIR, CODEBOOK_RECIPES, DEFAULT_EF_SEARCH, DEFAULT_HNSW_M,
                        DEFAULT_MAX_DESCRIPTORS, DEFAULT_NPROBE, KMEANS_POINTS_PER_WORD, LEGACY_METHOD_NAMES,
                        RECALL_SAMPLE, SEARCH_METHODS, auto_codebook_size)
-from ..utils import atomic_path, check_file_format, progress, utc_now, write_json
+from ..utils import atomic_path, check_file_format, progress, write_json
 
 logger = logging.getLogger(__name__)
 
 HELD_OUT_SHARE = 20  # at most 1 in 20 training descriptors is held out to measure recall on
 FORMAT = "how-met-codebook"
 FORMAT_VERSION = 1
-
 
 
 def centroid_fingerprint(centroids: np.ndarray) -> str:
@@ -147,12 +146,14 @@ class Codebook:
         self.meta = {
             "size": int(self.size), "dim": int(d), "iterations": self.iterations, "seed": self.seed,
             "kmeans_objective": float(kmeans.obj[-1]) if len(kmeans.obj) else None,
-            "train_seconds": round(time.perf_counter() - started, 2),
-            "extractor": extractor, "model_fingerprint": model, "training_set": training, "created": utc_now(),
+            # no date or duration: the same inputs give the same file, byte for byte
+            "extractor": extractor, "model_fingerprint": model, "training_set": training,
             "faiss_version": faiss.__version__,
         }
+        logger.info("k-means into %d words: %.1f s", self.size, time.perf_counter() - started)
         if len(held_out):
-            self.meta["assignment_recall"] = {**self.measure_recall(held_out, k=5),
+            recall = self.measure_recall(held_out, k=5)  # its milliseconds vary run to run: not kept
+            self.meta["assignment_recall"] = {**{k: v for k, v in recall.items() if not k.endswith("_ms_per_1000")},
                                               "held_out": "descriptors of the training store not trained on"}
         return self
 

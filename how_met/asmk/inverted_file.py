@@ -36,10 +36,8 @@ from .io import FORMAT, FORMAT_VERSION, check_consistency, read_index, write_ind
 from .kernels import alive_df, compact_postings, copy_blocks, search_binary, search_float, weighted_norms
 from ..neighbours import Neighbours
 from ..features.settings import check_model
-from ..utils import utc_now
 
 MAX_IMAGES = 2 ** 32 - 1
-
 
 
 class InvertedFile:
@@ -66,7 +64,6 @@ class InvertedFile:
         self.codebook_fingerprint = codebook_fingerprint
         self.extractor = dict(extractor or {})
         self.model_fingerprint = model_fingerprint
-        self.created = utc_now()
         self.path: Optional[Path] = None
         self._keys: List[str] = []
         self._position: Dict[str, int] = {}
@@ -348,7 +345,6 @@ class InvertedFile:
             "n_images": self.n_slots, "n_alive": len(self), "n_postings": self.n_postings,
             "codebook_fingerprint": self.codebook_fingerprint, "extractor": self.extractor,
             "model_fingerprint": self.model_fingerprint,
-            "created": self.created, "saved": utc_now(),
             "arrays": {name: {"shape": list(a.shape), "dtype": a.dtype.str} for name, a in arrays.items()},
         }
 
@@ -376,7 +372,6 @@ class InvertedFile:
         ivf = cls(meta["n_words"], meta["dim"], meta["binary"], meta["use_idf"], meta["alpha"], meta["tau"],
                   meta.get("codebook_fingerprint"), meta.get("extractor"), meta.get("model_fingerprint"))
         check_consistency(path, meta, arrays, keys, ivf.vector_width, ivf.vector_dtype, verify)
-        ivf.created = meta.get("created", ivf.created)
         ivf._offsets = arrays["offsets"]
         ivf._vectors = arrays["vectors"]
         ivf._image_ids = arrays["image_ids"]

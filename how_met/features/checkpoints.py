@@ -112,7 +112,10 @@ def save_model(model: HOWNet, path: os.PathLike) -> None:
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        # A file object, not the path: torch names the zip's top folder after the file, and
+        # the temporary name holds the process id -- the bytes would differ on every run.
+        with open(tmp, "wb") as fh:
+            torch.save(payload, fh)
 
 
 def build_model(backbone: str = "efficientnet-lite0", layer: Optional[str] = None, dim: int = 128,

@@ -6,9 +6,12 @@ files. Decoding runs in DataLoader worker processes while the network runs in th
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -22,7 +25,7 @@ from .images import ImageError, image_array, load_image
 from .network import HOWNet, model_fingerprint
 from .store import FeatureStore, LocalFeatures
 from .whitening import whitening_from_moments
-from ..utils import configure_threads, free_cores, progress
+from ..utils import configure_threads, configured_threads, free_cores, progress
 
 logger = logging.getLogger(__name__)
 
@@ -90,28 +93,68 @@ def _to_local_features(out, original, input_size, keep_global: bool) -> LocalFea
     )
 
 
+@contextlib.contextmanager
+def one_thread_per_image():
+    """torch intra-op parallelism off: images run in parallel instead (``_ordered_map``).
+
+    Multi-threaded kernels (oneDNN/MKL convolutions, reductions) split sums differently for
+    other thread counts, so the trunk's output moved by ~1e-6 between 1 and 2 threads -- noise
+    that whitening, top-k selection and k-means amplified into GAP swings of several points.
+    One thread per image gives the same bytes on any thread count (and, on a loaded machine,
+    avoids OpenMP threads waiting for each other).
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _ordered_map(fn, items, threads: int):
+    """``fn(item)`` for every item on ``threads`` worker threads, results in input order (a
+    bounded number in flight)."""
+    if threads <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def _extract_batches(model: HOWNet, image_root: Path, keys: Sequence[str], config: dict,
                      batch_size: int, workers: int, skip_bad: bool, reduce: bool,
                      features_num: Optional[int] = None, desc: str = "extract",
                      autocast: bool = False):
-    """Yield (key, LocalFeatures) for every readable image; bad ones raise or are logged."""
+    """Yield (key, LocalFeatures) for every readable image in ``keys`` order; bad ones raise or
+    are logged. Batches run on ``configured_threads()`` threads of one torch thread each."""
     decoded = (item for item in _iter_decoded(image_root, keys, config, workers)
                if _check_decoded(item, skip_bad))
+    threads = (configured_threads() or 1) if model.device.type == "cpu" else 1
+
+    def run(batch):
+        images = torch.stack([item[1] for item in batch])
+        ctx = (torch.autocast(model.device.type, dtype=torch.bfloat16) if autocast
+               else torch.autocast(model.device.type, enabled=False))
+        with ctx:  # autocast state is per thread: entered here, in the worker
+            return batch, model.extract(images, config["scales"], features_num or config["features_num"],
+                                        gem=config.get("gem", True), reduce=reduce,
+                                        resize_rule=config.get("resize_rule", DEFAULT_RESIZE_RULE),
+                                        upscale_limit=(config["image_size"] or None) if config.get("upscale_to_image_size") else None)
+
     bar = progress(total=len(keys), desc=desc, unit="img")
     try:
-        for batch in _batches(decoded, batch_size):
-            images = torch.stack([item[1] for item in batch])
-            ctx = (torch.autocast(model.device.type, dtype=torch.bfloat16) if autocast
-                   else torch.autocast(model.device.type, enabled=False))
-            with ctx:
-                outs = model.extract(images, config["scales"], features_num or config["features_num"],
-                                     gem=config.get("gem", True), reduce=reduce,
-                                     resize_rule=config.get("resize_rule", DEFAULT_RESIZE_RULE),
-                                     upscale_limit=(config["image_size"] or None) if config.get("upscale_to_image_size") else None)
-            for (key, tensor, original, _), out in zip(batch, outs):
-                input_size = (int(tensor.shape[2]), int(tensor.shape[1]))
-                yield key, _to_local_features(out, original, input_size, config.get("gem", True))
-            bar.update(len(batch))
+        with one_thread_per_image():
+            for batch, outs in _ordered_map(run, _batches(decoded, batch_size), threads):
+                for (key, tensor, original, _), out in zip(batch, outs):
+                    input_size = (int(tensor.shape[2]), int(tensor.shape[1]))
+                    yield key, _to_local_features(out, original, input_size, config.get("gem", True))
+                bar.update(len(batch))
     finally:
         bar.close()
 
@@ -191,6 +234,8 @@ def learn_whitening(model: HOWNet, image_root, keys: Sequence[str], config=None,
     count = 0
     for key, feats in _extract_batches(inference_copy(model), Path(image_root), sample, config, batch_size,
                                        workers, skip_bad, reduce=False, desc="whitening"):
+        # float16, as HOWNet.project rounds its input: learned from what it will be applied to
+        feats.descriptors = feats.descriptors.astype(np.float16)
         # Learn from at most features_per_image of the strongest features (already sorted).
         desc = feats.descriptors[:features_per_image].astype(np.float64)
         if sums is None:
@@ -199,7 +244,6 @@ def learn_whitening(model: HOWNet, image_root, keys: Sequence[str], config=None,
         sums[1] += desc.T @ desc
         count += len(desc)
         if keep_raw:
-            feats.descriptors = feats.descriptors.astype(np.float16)
             raw[key] = feats
     if count < model.config.dim + 1:
         raise RuntimeError(f"only {count} local features to learn a {model.config.dim}-D "
@@ -207,15 +251,18 @@ def learn_whitening(model: HOWNet, image_root, keys: Sequence[str], config=None,
     mean = sums[0] / count
     cov = (sums[1] - count * np.outer(mean, mean)) / (count - 1)
     mean, projection = whitening_from_moments(mean, cov, count, model.config.dim)
-    model.set_whitening(mean, projection)
+    with one_thread_per_image():  # the bias is a matrix product: the same bytes on any thread count
+        model.set_whitening(mean, projection)
     logger.info("learned PCA-whitening from %d features of %d images", count, len(sample))
     return raw if keep_raw else None
 
 
 def _project(model: HOWNet, feats: LocalFeatures) -> LocalFeatures:
-    weight = model.dim_reduction.weight.detach().cpu().numpy()[:, :, 0, 0]
-    bias = model.dim_reduction.bias.detach().cpu().numpy()
-    feats.descriptors = (feats.descriptors.astype(np.float32) @ weight.T + bias).astype(np.float32)
+    """Whitened descriptors of features kept un-reduced by ``learn_whitening`` (the same
+    ``HOWNet.project`` as the network path, on one thread, so the bytes are the same)."""
+    with one_thread_per_image(), torch.no_grad():
+        raw = torch.from_numpy(np.ascontiguousarray(feats.descriptors)).to(model.device)
+        feats.descriptors = model.project(raw).float().cpu().numpy()
     return feats
 
 

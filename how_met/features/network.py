@@ -57,6 +57,13 @@ class LocalOutput:
     gem: Optional[torch.Tensor] = None  # (G,) multi-scale GeM global descriptor, L2-normalised
 
 
+def strongest(attention: torch.Tensor, n: int) -> torch.Tensor:
+    """Positions of the ``n`` largest values of a 1-D tensor, largest first; equal values keep
+    their input order (scale by scale, row-major), so ties never depend on the sort kernel."""
+    order = torch.sort(attention, descending=True, stable=True).indices
+    return order[:min(int(n), attention.numel())]
+
+
 class HOWNet(nn.Module):
     def __init__(self, config: Optional[ModelConfig] = None, imagenet: bool = True):
         super().__init__()
@@ -100,11 +107,26 @@ class HOWNet(nn.Module):
         """3x3 average pooling, stride 1, padded cells not counted."""
         return F.avg_pool2d(feats, 3, stride=1, padding=1, count_include_pad=False)
 
-    def reduce(self, smoothed: torch.Tensor) -> torch.Tensor:
+    def project(self, smoothed: torch.Tensor) -> torch.Tensor:
+        """The reduction layer on smoothed trunk features (n, C) -> (n, dim).
+
+        The input is rounded to float16 first. The whitening is learned from float16-rounded
+        features (its sample is kept in memory as float16 to be projected without a second
+        network pass), so rounding here makes every descriptor the same function of the trunk
+        output: of an image in that sample or not, extracted fresh or on resume.
+        """
         if not self.has_whitening:
             raise RuntimeError("the HOW reduction layer has no PCA-whitening yet: learn it "
                                "(how-met whiten / learn_whitening) or load a checkpoint")
-        return self.dim_reduction(smoothed)
+        weight = self.dim_reduction.weight[:, :, 0, 0]
+        rounded = smoothed.to(torch.float16).to(weight.dtype)
+        return torch.addmm(self.dim_reduction.bias, rounded, weight.t())
+
+    def reduce(self, smoothed: torch.Tensor) -> torch.Tensor:
+        """``project`` at every cell of a smoothed map (B, C, H, W) -> (B, dim, H, W)."""
+        b, c, h, w = smoothed.shape
+        flat = self.project(smoothed.permute(0, 2, 3, 1).reshape(-1, c))
+        return flat.reshape(b, h, w, -1).permute(0, 3, 1, 2)
 
     def set_whitening(self, mean: np.ndarray, projection: np.ndarray) -> None:
         """Set the 1x1 reduction to x -> projection @ (x - mean). projection: (dim, C)."""
@@ -203,11 +225,7 @@ class HOWNet(nn.Module):
             if scale not in scales:
                 continue
             local = local.float()
-            att = self.attention(local)
-            feats = self.smooth(local)
-            if reduce:
-                feats = self.reduce(feats)
-            per_scale.append((scale, att, feats))
+            per_scale.append((scale, self.attention(local), self.smooth(local)))
 
         outputs = []
         for b in range(batch):
@@ -222,11 +240,12 @@ class HOWNet(nn.Module):
                 scs.append(torch.full((h * w,), float(scale), device=att.device))
             att = torch.cat(atts)
             att = att / att.max().clamp(min=1e-12)  # common maximum over all scales
-            n = min(features_num, att.numel())
-            strengths, order = torch.topk(att, n, sorted=True)
+            order = strongest(att, features_num)
+            descriptors = torch.cat(descs)[order]
             outputs.append(LocalOutput(
-                descriptors=torch.cat(descs)[order],
-                strengths=strengths,
+                # only the kept features are reduced: cheaper than the 1x1 conv over every cell
+                descriptors=self.project(descriptors) if reduce else descriptors,
+                strengths=att[order],
                 locations=torch.cat(locs)[order],
                 scales=torch.cat(scs)[order],
                 gem=None if gem_sum is None else F.normalize(gem_sum[b], dim=0),

@@ -43,10 +43,18 @@ _COVARIANCE_CHUNK = 32768
 def principal_directions(covariance: np.ndarray, n_samples: int) -> Tuple[np.ndarray, np.ndarray, int]:
     """Eigenvalues (descending), eigenvectors (columns) and numerical rank of a covariance
     estimated from ``n_samples``: eigenvalues below ``RANK_TOLERANCE`` times the largest are
-    null, and n samples span at most n - 1 directions."""
+    null, and n samples span at most n - 1 directions.
+
+    Each eigenvector is signed so that its largest-magnitude entry (the first of equal ones) is
+    positive: LAPACK returns an eigenvector or its negative depending on rounding, and a fixed
+    sign makes the whitening (and every descriptor and sign bit after it) the same bytes
+    whenever the covariance is, instead of flipping whole output dimensions between runs.
+    """
     eigenvalues, eigenvectors = np.linalg.eigh(np.asarray(covariance, np.float64))
-    order = np.argsort(eigenvalues)[::-1]
+    order = np.argsort(eigenvalues, kind="stable")[::-1]
     eigenvalues, eigenvectors = eigenvalues[order], eigenvectors[:, order]
+    pivots = np.argmax(np.abs(eigenvectors), axis=0)
+    eigenvectors = eigenvectors * np.where(eigenvectors[pivots, np.arange(eigenvectors.shape[1])] < 0, -1.0, 1.0)
     largest = eigenvalues[0] if n_samples > 1 else 0.0
     rank = int(np.count_nonzero(eigenvalues > RANK_TOLERANCE * largest)) if largest > 0 else 0
     return eigenvalues, eigenvectors, min(rank, n_samples - 1)

@@ -13,7 +13,8 @@ def global_search(db_desc, q_desc, k: int, batch_size: int = 4096) -> Tuple[np.n
     """Exact inner-product kNN (faiss IndexFlatIP) of L2-normalised descriptors.
 
     Returns ``(indices (nq, k) int64, scores (nq, k) float32)`` sorted by descending cosine
-    similarity, padded with -1 / -inf when the database has fewer than k images.
+    similarity, equal scores by ascending database index (the rule of the ASMK top-k), padded
+    with -1 / -inf when the database has fewer than k images.
     """
     import faiss
 
@@ -34,8 +35,9 @@ def global_search(db_desc, q_desc, k: int, batch_size: int = 4096) -> Tuple[np.n
     for start in range(0, nq, batch_size):
         rows = slice(start, start + batch_size)
         sims, ids = index.search(queries[rows], found)
-        indices[rows, :found] = ids
-        scores[rows, :found] = sims
+        order = np.lexsort((ids, -sims))  # per row: score descending, then index ascending
+        indices[rows, :found] = np.take_along_axis(ids, order, axis=1)
+        scores[rows, :found] = np.take_along_axis(sims, order, axis=1)
     return indices, scores
 
 

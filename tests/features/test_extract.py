@@ -5,7 +5,10 @@ import numpy as np
 import pytest
 
 from conftest import TEST_CONFIG
+import torch
+
 from how_met.features.extract import extract_to_store
+from how_met.features.network import strongest
 from how_met.features.store import FeatureStore, merge_stores
 
 
@@ -23,6 +26,16 @@ def extracted(tmp_path_factory, museum_dir, museum_keys, whitened_model):
     extract_to_store(museum_dir / "images", museum_keys, out, config=TEST_CONFIG,
                      model=whitened_model, workers=0)
     return out
+
+
+def test_strongest_features_keep_input_order_on_ties():
+    attention = torch.tensor([0.5, 1.0, 0.5, 1.0, 0.2, 0.5])
+    assert strongest(attention, 4).tolist() == [1, 3, 0, 2]
+    assert strongest(attention, 10).tolist() == [1, 3, 0, 2, 5, 4]
+    # many ties: torch.topk would be free to return any of them
+    flat = torch.zeros(5000)
+    flat[[17, 4000]] = 1.0
+    assert strongest(flat, 5).tolist() == [17, 4000, 0, 1, 2]
 
 
 def test_invariants(extracted, museum_keys, whitened_model):

@@ -4,7 +4,7 @@ import logging
 import numpy as np
 import pytest
 
-from how_met.features.whitening import PCAWhitening, whitening_from_moments
+from how_met.features.whitening import PCAWhitening, principal_directions, whitening_from_moments
 from how_met.recognition.global_search import global_search
 from how_met.utils import l2_normalise
 
@@ -101,3 +101,22 @@ def test_how_layer_whitening_matches_the_global_rule_and_refuses_low_rank():
     flat = anisotropic(3000, 5) @ np.random.default_rng(1).normal(size=(5, 24))
     with pytest.raises(RuntimeError, match="span only 5 directions"):
         whitening_from_moments(flat.mean(axis=0), np.cov(flat, rowvar=False), len(flat), 8)
+
+
+def test_eigenvector_signs_are_canonical(monkeypatch):
+    """The whitening is the same whichever sign LAPACK returns for each eigenvector."""
+    X = anisotropic(500, 12, seed=2)
+    cov = np.cov(X.T)
+    values, vectors, _ = principal_directions(cov, 500)
+    assert (np.diff(values) <= 0).all()
+    pivots = np.abs(vectors).argmax(axis=0)
+    assert (vectors[pivots, np.arange(12)] > 0).all()
+    assert vectors @ np.diag(values) @ vectors.T == pytest.approx(cov)
+    before = (PCAWhitening.learn(X, dims=8).projection, whitening_from_moments(X.mean(0), cov, 500, 8)[1])
+
+    eigh = np.linalg.eigh
+    flips = np.where(np.arange(12) % 3 == 0, -1.0, 1.0)
+    monkeypatch.setattr(np.linalg, "eigh", lambda a: (eigh(a)[0], eigh(a)[1] * flips))
+    after = (PCAWhitening.learn(X, dims=8).projection, whitening_from_moments(X.mean(0), cov, 500, 8)[1])
+    for b, a in zip(before, after):
+        assert np.array_equal(b, a)

@@ -9,7 +9,8 @@ from how_met.neighbours import Neighbours
 from how_met.recognition.knn import DEFAULT_KS, DEFAULT_TS, evaluate_knn
 from how_met.pipeline.evaluate import mean_std, run_evaluation
 from how_met.asmk.settings import auto_codebook_size
-from how_met.pipeline.settings import DEFAULT_SETTINGS, QUICK_SETTINGS
+from how_met.features.store import FeatureStore
+from how_met.pipeline.settings import DEFAULT_SETTINGS, METHODS, QUICK_SETTINGS
 from how_met.pipeline.stages import aligned, load_rerank_scores, record_settings
 from met_fixture import write_met_fixture
 
@@ -75,6 +76,43 @@ def test_repeats_rerun_the_codebook_seed_on_the_same_features(tmp_path, monkeypa
     assert results["methods"]["global"]["GAP_std"] == 0
     table = (tmp_path / "w" / "results.md").read_text()
     assert f"| how-asmk | {results['methods']['how-asmk']['GAP']:.1f} \u00b1 " in table
+
+
+def test_same_inputs_give_the_same_bytes_on_one_and_two_threads(tmp_path, monkeypatch):
+    """The same command twice, on 1 thread and on 2, in the same fresh work directory: model,
+    store, codebook, index, neighbour lists and predictions are byte-identical; a run that loads
+    the saved model (extraction resumed) stores the same descriptors."""
+    write_met_fixture(tmp_path / "met", n_classes=4, n_db_only_classes=2)
+    ds = load_met(tmp_path / "met")
+    settings = {**FAST, "methods": list(METHODS)}
+    results = {}
+    for threads in ("1", "2"):
+        monkeypatch.setenv("HOW_MET_THREADS", threads)
+        results[threads] = run_evaluation(work_dir=tmp_path / "work", settings=settings, dataset=ds)
+        (tmp_path / "work").rename(tmp_path / f"t{threads}")  # the codebook records its store's path
+    assert results["1"]["environment"]["threads"] == {"extract": 1, "other stages": 1}
+    assert results["2"]["environment"]["threads"] == {"extract": 2, "other stages": 2}
+    assert results["1"]["methods"] == {m: {**v, "extract_images_per_s": results["1"]["methods"][m]["extract_images_per_s"],
+                                           "query_ms_per_image": results["1"]["methods"][m]["query_ms_per_image"]}
+                                       for m, v in results["2"]["methods"].items()}
+    timed = {"timings.json", "results.json", "results.md", "settings.json"}  # seconds and thread counts
+    files = sorted(p.relative_to(tmp_path / "t1") for p in (tmp_path / "t1").rglob("*")
+                   if p.is_file() and p.name not in timed)
+    assert {"model.pt", "features.h5", "codebook.npz", "index/vectors.npy"} <= {str(f) for f in files}
+    assert any(str(f).startswith("neighbours/") for f in files) and any(str(f).startswith("predictions/") for f in files)
+    for rel in files:
+        assert (tmp_path / "t1" / rel).read_bytes() == (tmp_path / "t2" / rel).read_bytes(), rel
+
+    (tmp_path / "resumed").mkdir()
+    (tmp_path / "resumed" / "model.pt").write_bytes((tmp_path / "t1" / "model.pt").read_bytes())
+    run_evaluation(work_dir=tmp_path / "resumed", settings={**settings, "methods": ["global"]}, dataset=ds)
+    with FeatureStore(tmp_path / "t1" / "features.h5") as fresh, \
+            FeatureStore(tmp_path / "resumed" / "features.h5") as resumed:
+        assert fresh.keys() == resumed.keys()
+        for key in fresh.keys():
+            a, b = fresh.read(key), resumed.read(key)
+            assert np.array_equal(a.descriptors, b.descriptors) and np.array_equal(a.locations, b.locations), key
+            assert np.array_equal(a.global_descriptor, b.global_descriptor), key
 
 
 def test_mean_std():

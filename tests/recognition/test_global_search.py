@@ -30,3 +30,12 @@ def test_global_neighbours_wraps_neighbours():
     rng = np.random.default_rng(6)
     nb = global_neighbours(rng.normal(size=(4, 8)), rng.normal(size=(2, 8)), 3, list("abcd"), ["q1", "q2"])
     assert nb.indices.shape == (2, 3) and nb.db_keys == list("abcd") and nb.query_keys == ["q1", "q2"]
+
+
+def test_equal_global_scores_rank_by_database_index():
+    rng = np.random.default_rng(5)
+    db = rng.normal(size=(6, 16)).astype(np.float32)
+    db[[1, 4]] = db[5]  # three identical database images
+    indices, scores = global_search(db, np.stack([db[5], db[0]]), k=4)
+    assert indices[0, :3].tolist() == [1, 4, 5] and scores[0, 0] == scores[0, 2]
+    assert indices[1, 0] == 0

@@ -7,7 +7,7 @@ import pytest
 from how_met.recognition.fusion import cross_tune_fusion, fuse_neighbours, tune_fusion
 from how_met.recognition.knn import count_classes, evaluate_knn, knn_predict
 from how_met.recognition.metrics import gap
-from how_met.recognition.protocol import cross_tune, split_folds, tune
+from how_met.recognition.protocol import TUNING_TIE, best_grid_point, cross_tune, split_folds, tune
 
 
 def reference_confidence(neigh_labels, neigh_scores, K, t, n_classes):
@@ -127,6 +127,29 @@ def test_tune_picks_the_known_best_point():
     assert (np.delete(grid.ravel(), 3) < 4 / 7 - 0.05).all()
     metrics = evaluate_knn(indices, scores, db_labels, labels, 2, 50, n)
     assert metrics == pytest.approx({"GAP": 4 / 7, "GAP-": 4 / 7, "ACC": 4 / 7, "K": 2, "t": 50.0})
+
+
+def test_grid_ties_go_to_the_first_point_within_the_tolerance():
+    grid = np.array([[0.50, 0.70, 0.70],
+                     [0.70 + TUNING_TIE / 2, 0.60, np.nan]])
+    assert best_grid_point(grid) == (0, 1)  # exact tie with (0, 2) and a near tie with (1, 0)
+    grid[1, 0] = 0.70 + 2 * TUNING_TIE      # better by more than the tolerance: it wins
+    assert best_grid_point(grid) == (1, 0)
+    stacked = np.stack([grid - 0.01, grid])  # candidates: the first within the tolerance wins
+    assert best_grid_point(stacked) == (1, 1, 0)
+    stacked[0] = grid - TUNING_TIE / 4
+    assert best_grid_point(stacked) == (0, 1, 0)
+    assert best_grid_point(np.array([np.nan, 0.1, 0.1])) == (1,)
+
+
+def test_tune_breaks_near_ties_by_smallest_k_then_t():
+    # Every query's two neighbours are of its own class: every (K, t) is right for every query
+    # and ranks them identically, so the whole grid ties and (smallest K, smallest t) is chosen.
+    db_labels = np.arange(6) // 2
+    indices = np.array([[0, 1], [2, 3], [4, 5]])
+    scores = np.array([[0.9, 0.8], [0.7, 0.6], [0.5, 0.4]])
+    (K, t), grid = tune(indices, scores, db_labels, np.array([0, 1, 2]), Ks=(1, 2), ts=(1, 50))
+    assert (K, t) == (1, 1.0) and np.ptp(grid) == 0
 
 
 def test_full_grid_equals_pointwise_evaluation():

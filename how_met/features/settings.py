@@ -56,6 +56,7 @@ CONFIGS: Dict[str, dict] = {
     "lite0-7scales": {
         "model": {"backbone": "efficientnet-lite0", "layer": None, "dim": 128},
         "scales": [2.0, 1.414, 1.0, 0.707, 0.5, 0.353, 0.25],
+        "upscale_to_image_size": False,  # the SPEC's scales on every image (and so how-r18/r50)
         "features_num": 1000,
         "image_size": 500,
         "gem": True,

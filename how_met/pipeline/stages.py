@@ -89,12 +89,14 @@ def stage_codebook(ds: Dataset, work: Path, features: Path, settings: dict):
     from ..asmk.codebook import Codebook, codebook_size_for
     if settings.get("codebook"):  # build_index checks that it fits the features
         return Codebook.load(settings["codebook"])
-    shipped = unsupervised_source(settings, len(ds.db_keys))
-    if shipped and not settings.get("codebook_size"):  # the one learned with the shipped whitening
-        return Codebook.load(shipped_path(shipped, "codebook"))
     path = work / "codebook.npz"
     if path.exists():
         return Codebook.load(path)
+    shipped = unsupervised_source(settings, len(ds.db_keys))
+    if shipped and not settings.get("codebook_size"):  # the one learned with the shipped whitening
+        codebook = Codebook.load(shipped_path(shipped, "codebook"))
+        codebook.save(path)  # the run's codebook lives in the work directory (recogniser, report)
+        return codebook
     size = settings.get("codebook_size") or codebook_size_for(features, ds.db_keys)
     codebook = Codebook(size=size, iterations=settings["codebook_iterations"], seed=settings["seed"],
                         points_per_centroid=settings.get("codebook_points_per_centroid"))

@@ -74,11 +74,12 @@ for _name, _backbone in (("how-r18", "resnet18"), ("how-r50", "resnet50")):
 
 DEFAULT_CONFIG = "lite0"
 
-# Shipped unsupervised parts (codebooks/README.md): the PCA-whitening of the reduction layer
+# Shipped unsupervised parts (package data in how_met/shipped/; codebooks/README.md says how they
+# were made): the PCA-whitening of the reduction layer
 # and a visual codebook, learned from ../shared/data/corpus (generic photos, no evaluation
 # image) with the extractor named in "model". A small database uses them instead of learning
 # its own (pipeline.settings.DATABASE_TRAINS_FROM).
-REPO_CODEBOOKS = Path(__file__).resolve().parents[2] / "codebooks"
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "shipped"  # installed with the package
 SHIPPED_MODELS: Dict[str, dict] = {
     "lite0-corpus-v1": {
         "model": {"backbone": "efficientnet-lite0", "layer": "blocks.11.expand", "dim": 128},
@@ -94,7 +95,7 @@ def shipped_path(name: str, part: str) -> Path:
     """The file of a shipped model's ``part`` ("whitening" or "codebook")."""
     if name not in SHIPPED_MODELS:
         raise ValueError(f"unknown shipped model {name!r}; choose from {', '.join(SHIPPED_MODELS)}")
-    return REPO_CODEBOOKS / SHIPPED_MODELS[name][part]
+    return SHIPPED_DIR / SHIPPED_MODELS[name][part]
 WHITEN_IMAGES = 1000       # images PCA-whitening is learned from when a model has none
 WHITEN_FEATURES = 1000     # features per image for it (SPEC: up to 1000)
 

@@ -1,4 +1,5 @@
-"""Small shared helpers: thread sizing, progress bars, atomic file writes, timestamps, L2
+"""Small shared helpers: thread sizing, progress bars, atomic file writes and their leftovers,
+writer locks, safe reading of .npy/.npz headers and HDF5 datasets, timestamps, L2
 normalisation, logging."""
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, Optional
+from typing import Dict, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -135,9 +136,11 @@ def atomic_path(path: os.PathLike, suffix: str = ".tmp"):
 
     The temporary may be a file or a directory; a directory replaces an existing directory
     (moved aside first, removed after), so ``path`` is never left half-written.
+    Temporaries that killed processes left beside ``path`` are removed first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path, (suffix, ".old", suffix + ".journal", suffix + ".lock"))
     tmp = path.with_name(f".{path.name}.{os.getpid()}{suffix}")
     old = path.with_name(f".{path.name}.{os.getpid()}.old")
     for stale in (tmp, old):
@@ -174,9 +177,176 @@ def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return x / np.maximum(norms, eps)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (signal 0 probes without sending)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except (OSError, OverflowError):
+        return False
+    return True
+
+
+def remove_stale_temporaries(path: os.PathLike, suffixes: Sequence[str] = (".tmp", ".old")) -> None:
+    """Delete the ``.<name>.<pid><suffix>`` siblings of ``path`` that killed processes left.
+
+    Temporaries of processes still running (another writer) are left alone.
+    """
+    path = Path(path)
+    prefix = f".{path.name}."
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        name = entry.name
+        suffix = next((s for s in suffixes if name.endswith(s)), None)
+        if suffix is None or not name.startswith(prefix):
+            continue
+        pid = name[len(prefix):-len(suffix)]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
+
+
+class LockedError(RuntimeError):
+    """Another process is writing the file."""
+
+
+@contextlib.contextmanager
+def writer_lock(path: os.PathLike):
+    """Hold ``<path>.lock`` while writing ``path``; a second writer is refused with one line.
+
+    An advisory ``flock`` on the lock file does the work: the kernel releases it when the holder
+    dies, so a killed job leaves no stale lock, and it does not depend on HDF5's own file
+    locking, which ``HDF5_USE_FILE_LOCKING=FALSE`` (common on NFS) turns off. The file holds
+    the holder's host and pid for the message and is removed on release.
+    """
+    import fcntl
+    import socket
+    lock_path = Path(path).with_name(Path(path).name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LockedError(f"{path}: another how-met process (host and pid: {holder}) is writing "
+                              f"it; wait for it to finish") from None
+        try:  # the previous holder may have removed the file between our open and flock
+            if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} {os.getpid()}".encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)  # while still holding the lock: see the inode check above
+        os.close(fd)
+
+
+def read_npy_header(fh, where, available: int):
+    """(shape, fortran_order, dtype) from the header of a .npy stream, refusing object arrays
+    (pickles) and headers declaring more bytes than the ``available`` bytes that follow."""
+    import numpy as np
+    start = fh.tell()
+    try:
+        version = np.lib.format.read_magic(fh)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = reader(fh)
+    except (ValueError, OSError, EOFError, SyntaxError) as exc:
+        raise ValueError(f"{where}: not a readable .npy array ({exc})") from None
+    if dtype.hasobject:
+        raise ValueError(f"{where}: holds Python objects (pickles are never loaded)")
+    declared = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if declared > available - (fh.tell() - start):
+        raise ValueError(f"{where}: declares a {dtype}{list(shape)} array ({declared} bytes) in a "
+                         f"{available}-byte file (damaged or hostile file)")
+    return shape, fortran, dtype
+
+
+def check_npy_file(path: os.PathLike) -> None:
+    """Refuse a .npy file whose header declares more data than the file holds (before np.load
+    allocates it) or that holds pickled objects."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        read_npy_header(fh, path, size)
+
+
+def load_npz(path: os.PathLike) -> Dict[str, "np.ndarray"]:
+    """The arrays of an uncompressed .npz archive, read without pickles and without trusting
+    its headers: each member must declare no more bytes than it holds, so a small file cannot
+    make this allocate a huge array."""
+    import zipfile
+    import numpy as np
+    path = Path(path)
+    size = path.stat().st_size
+    out = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                where = f"{path}[{info.filename}]"
+                if info.compress_type != zipfile.ZIP_STORED or info.file_size > size:
+                    raise ValueError(f"{where}: compressed or larger than the archive (how-met "
+                                     f"writes plain, uncompressed archives)")
+                with archive.open(info) as fh:
+                    shape, fortran, dtype = read_npy_header(fh, where, info.file_size)
+                    count = int(np.prod(shape, dtype=np.int64))
+                    data = fh.read(count * dtype.itemsize)
+                if len(data) != count * dtype.itemsize:
+                    raise ValueError(f"{where}: truncated")
+                out[info.filename[:-4]] = np.frombuffer(data, dtype, count).reshape(
+                    shape, order="F" if fortran else "C").copy()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
+        raise ValueError(f"{path}: not a readable .npz archive ({type(exc).__name__}: {exc})") from None
+    return out
+
+
+def h5_dataset_problem(group, name: str, numeric: bool = True) -> Optional[str]:
+    """Why ``group[name]`` must not be read, or None: a link (soft or external: it may point
+    anywhere), data kept outside the file (external or virtual storage), a filter pipeline,
+    or more bytes declared than the file stores (a small file cannot make us allocate much)."""
+    import h5py
+    link = group.get(name, getlink=True)
+    if link is None:
+        return f"{name} is missing"
+    if not isinstance(link, h5py.HardLink):
+        return f"{name} is a link ({type(link).__name__}); links are refused"
+    ds = group[name]
+    if not isinstance(ds, h5py.Dataset):
+        return f"{name} is not a dataset"
+    if ds.external or ds.is_virtual:
+        return f"{name} keeps its data outside the file (external or virtual storage is refused)"
+    if numeric and (ds.compression is not None or ds.dtype.kind not in "fiub"):
+        return f"{name} is compressed or of type {ds.dtype} (plain numeric arrays expected)"
+    declared = ds.size * ds.dtype.itemsize
+    stored = ds.id.get_storage_size()
+    if numeric and declared and stored < declared:
+        return (f"{name} declares shape {ds.shape} ({declared} bytes) but the file stores "
+                f"{stored} (damaged or hostile file)")
+    return None
+
+
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+    """how-met's own messages from INFO (DEBUG with ``verbose``); other libraries' (faiss's
+    loader chatter) only from WARNING, so an error stays one line on stderr."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def check_file_format(path, meta: dict, expected: str, version: int, what: str) -> None:
@@ -184,5 +354,7 @@ def check_file_format(path, meta: dict, expected: str, version: int, what: str) 
     than this how-met reads, with one line naming the file."""
     if meta.get("format") != expected:
         raise ValueError(f"{path}: not a how-met {what} (format {meta.get('format')!r})")
-    if int(meta.get("format_version", 0)) > version:
-        raise ValueError(f"{path}: {what} format version {meta['format_version']} is newer than this how-met")
+    found = meta.get("format_version", 0)
+    if not isinstance(found, int) or isinstance(found, bool) or found > version:
+        raise ValueError(f"{path}: {what} format version {found!r} is not supported (this how-met "
+                         f"reads <= {version})")

@@ -364,14 +364,14 @@ class InvertedFile:
         return path
 
     @classmethod
-    def load(cls, path: os.PathLike, mmap: bool = True, verify: bool = False) -> "InvertedFile":
+    def load(cls, path: os.PathLike, mmap: bool = True) -> "InvertedFile":
         """Read an index saved by ``save`` (memory-mapped by default: postings stay on disk
-        until touched). ``verify`` also checks every posting's image id (reads all postings)."""
+        until touched), validated as described in ``how_met.asmk.io``."""
         path = Path(path)
         meta, arrays, keys = read_index(path, mmap)
         ivf = cls(meta["n_words"], meta["dim"], meta["binary"], meta["use_idf"], meta["alpha"], meta["tau"],
                   meta.get("codebook_fingerprint"), meta.get("extractor"), meta.get("model_fingerprint"))
-        check_consistency(path, meta, arrays, keys, ivf.vector_width, ivf.vector_dtype, verify)
+        check_consistency(path, meta, arrays, keys, ivf.vector_width, ivf.vector_dtype)
         ivf._offsets = arrays["offsets"]
         ivf._vectors = arrays["vectors"]
         ivf._image_ids = arrays["image_ids"]

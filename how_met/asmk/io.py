@@ -3,18 +3,29 @@
 
 Files: a directory of ``.npy`` arrays + ``keys.json`` + ``meta.json``, or one HDF5 file
 (``.h5``/``.hdf5``) with contiguous datasets; both load memory-mapped. Saves go to a temporary
-name first and are renamed over the target, so an existing index is never left half-written.
+name first and are renamed over the target, so an existing index is never left half-written; a
+directory save killed between its two renames (old index moved aside, new one not yet in place)
+is completed by the next load or save, and temporaries of killed saves are removed.
+
+Every load validates, always, each array that indexes memory in the search kernels (offsets
+monotone from 0 to the number of postings, every posting's image id below the number of images
+and agreeing with the per-image counts, unique keys) and the metadata's types and ranges, and
+refuses files whose headers declare more data than they hold: a tampered index is refused with
+one line instead of crashing the process or returning corrupted scores. The checks read the
+image ids once (4 bytes per posting).
 """
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 from typing import Dict, List
 
 import h5py
 import numpy as np
 
-from ..utils import atomic_path
+from ..utils import atomic_path, check_npy_file, h5_dataset_problem, pid_alive, remove_stale_temporaries
 
 FORMAT = "how-met-ivf"
 FORMAT_VERSION = 1
@@ -23,6 +34,7 @@ ARRAY_NAMES = ("offsets", "vectors", "image_ids", "n_vectors", "alive")
 
 def write_index(path: Path, meta: dict, arrays: Dict[str, np.ndarray], keys: List[str]) -> None:
     """Write an index (directory, or HDF5 for a .h5/.hdf5 path) atomically."""
+    recover_interrupted_save(path)
     if path.suffix.lower() in (".h5", ".hdf5"):
         if path.is_dir():
             raise ValueError(f"{path}: is a directory, not an HDF5 index file")
@@ -45,8 +57,25 @@ def write_index(path: Path, meta: dict, arrays: Dict[str, np.ndarray], keys: Lis
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")  # written last
 
 
+def recover_interrupted_save(path: Path) -> None:
+    """Finish a directory save that was killed between its two renames, then remove what killed
+    saves left (``.<name>.<pid>.tmp`` / ``.old``). The new index (complete once its meta.json,
+    written last, exists) wins over the old one."""
+    if not path.exists():
+        for suffix in (".tmp", ".old"):
+            for candidate in sorted(path.parent.glob(f".{path.name}.*{suffix}")):
+                pid = candidate.name[len(path.name) + 2:-len(suffix)]
+                if pid.isdigit() and not pid_alive(int(pid)) and (candidate / "meta.json").is_file():
+                    os.replace(candidate, path)
+                    break
+            if path.exists():
+                break
+    remove_stale_temporaries(path)
+
+
 def read_index(path: Path, mmap: bool):
     """(meta, arrays, keys) of a saved index; each array checked against the metadata."""
+    recover_interrupted_save(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: inverted file does not exist")
     if path.is_dir():
@@ -64,6 +93,25 @@ def _check_meta(where: Path, meta) -> dict:
     for name in ("n_words", "dim", "binary", "use_idf", "alpha", "tau", "n_images", "n_postings", "arrays"):
         if name not in meta:
             raise ValueError(f"{where}: metadata lacks {name!r}")
+    for name, low in (("n_words", 1), ("dim", 1), ("n_images", 0), ("n_postings", 0)):
+        value = meta[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{where}: metadata {name} is {value!r}, expected an integer >= {low}")
+    for name in ("binary", "use_idf"):
+        if not isinstance(meta[name], bool):
+            raise ValueError(f"{where}: metadata {name} is {meta[name]!r}, expected true or false")
+    for name, low, high in (("alpha", 0.0, 64.0), ("tau", -1.0, 1.0)):
+        value = meta[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not low <= value <= high or (name == "alpha" and value == 0):
+            raise ValueError(f"{where}: metadata {name} is {value!r}, expected a number in "
+                             f"{'(' if name == 'alpha' else '['}{low:g}, {high:g}]")
+    arrays = meta["arrays"]
+    if not isinstance(arrays, dict) or not all(
+            isinstance(a, dict) and isinstance(a.get("dtype"), str) and isinstance(a.get("shape"), list)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in a["shape"])
+            for a in arrays.values()):
+        raise ValueError(f"{where}: metadata arrays is not a map of {{shape, dtype}} entries")
     return meta
 
 
@@ -82,6 +130,7 @@ def _read_dir(path: Path, mmap: bool):
         if not file.exists():
             raise ValueError(f"{file}: missing from the inverted file")
         try:
+            check_npy_file(file)
             arrays[name] = np.load(file, mmap_mode="r" if mmap else None, allow_pickle=False)
         except (OSError, ValueError, EOFError) as exc:
             raise ValueError(f"{file}: damaged ({exc})") from None
@@ -109,8 +158,9 @@ def _read_h5(path: Path, mmap: bool):
         _check_meta(path, meta)
         arrays = {}
         for name in ARRAY_NAMES:
-            if name not in f:
-                raise ValueError(f"{path}: dataset {name!r} is missing")
+            problem = h5_dataset_problem(f, name)
+            if problem:
+                raise ValueError(f"{path}: {problem}")
             ds = f[name]
             try:
                 offset = ds.id.get_offset() if mmap and ds.size else None
@@ -122,6 +172,9 @@ def _read_h5(path: Path, mmap: bool):
                 raise ValueError(f"{path}: dataset {name!r} is damaged ({exc})") from None
             _check_array(path, name, arr, meta)
             arrays[name] = arr
+        problem = h5_dataset_problem(f, "keys", numeric=False)
+        if problem:
+            raise ValueError(f"{path}: {problem}")
         try:
             keys = [k.decode("utf-8") if isinstance(k, bytes) else str(k) for k in f["keys"][()]]
         except (KeyError, OSError) as exc:
@@ -138,7 +191,8 @@ def _check_array(where: Path, name: str, arr: np.ndarray, meta: dict) -> None:
                          f"{want['dtype']}{want['shape']} (damaged or mixed-up file)")
 
 
-def check_consistency(path: Path, meta: dict, arrays: dict, keys: list, width: int, dtype, verify: bool) -> None:
+def check_consistency(path: Path, meta: dict, arrays: dict, keys: list, width: int, dtype) -> None:
+    """Shapes, dtypes and every value the search kernels use as a memory index (always run)."""
     n_words, n_images, n_postings = meta["n_words"], meta["n_images"], meta["n_postings"]
     expected = {"offsets": ((n_words + 1,), np.int64), "vectors": ((n_postings, width), dtype),
                 "image_ids": ((n_postings,), np.uint32), "n_vectors": ((n_images,), np.uint32),
@@ -150,14 +204,21 @@ def check_consistency(path: Path, meta: dict, arrays: dict, keys: list, width: i
                              f"{np.dtype(dt)}{list(shape)}")
     if len(keys) != n_images:
         raise ValueError(f"{path}: {len(keys)} image keys for {n_images} images")
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{path}: image keys repeat (damaged file)")
     off = np.asarray(arrays["offsets"])
     if off[0] != 0 or off[-1] != n_postings or (np.diff(off) < 0).any():
-        raise ValueError(f"{path}: word offsets are inconsistent (damaged file)")
-    if int(np.asarray(arrays["n_vectors"]).sum(dtype=np.int64)) != n_postings:
+        raise ValueError(f"{path}: word offsets are not monotone from 0 to {n_postings} (damaged file)")
+    counts = np.asarray(arrays["n_vectors"])
+    if int(counts.sum(dtype=np.int64)) != n_postings:
         raise ValueError(f"{path}: per-image vector counts do not add up to the postings (damaged file)")
-    if verify and n_postings:
+    if n_postings:
         ids = arrays["image_ids"]
-        if int(ids.max()) >= n_images or \
-                not np.array_equal(np.bincount(ids, minlength=n_images), arrays["n_vectors"]):
+        if int(ids.max()) >= n_images:
+            raise ValueError(f"{path}: posting image ids reach {int(ids.max())}, the index has "
+                             f"{n_images} images (damaged file)")
+        if not np.array_equal(np.bincount(ids, minlength=n_images), counts):
             raise ValueError(f"{path}: posting image ids disagree with the per-image counts (damaged file)")
-
+    if not np.issubdtype(np.dtype(dtype), np.integer) and n_postings and \
+            not np.isfinite(arrays["vectors"]).all():
+        raise ValueError(f"{path}: vectors hold NaN or infinite values (damaged file)")

@@ -202,7 +202,7 @@ def test_save_load_round_trip(tmp_path, name, mmap):
     ivf.remove(["db/3"])
     expected = search(ivf, cb, queries)
     path = ivf.save(tmp_path / name)
-    back = InvertedFile.load(path, mmap=mmap, verify=True)
+    back = InvertedFile.load(path, mmap=mmap)
     assert back.keys == ivf.keys and back.use_idf and back.codebook_fingerprint == cb.fingerprint
     if mmap:
         assert isinstance(back._vectors, np.memmap)

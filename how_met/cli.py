@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -36,8 +38,8 @@ def _floats(text: str) -> List[float]:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"scales must be positive, got {text!r}")
+    if not values or any(not math.isfinite(v) or v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"scales must be positive finite numbers, got {text!r}")
     return values
 
 
@@ -61,6 +63,8 @@ def _add_input_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mini", action="store_true", help="with --met: the mini database")
     p.add_argument("--split", choices=["database", "queries", "all"], default="all",
                    help="with --data/--met: which images")
+    p.add_argument("--skip-missing", action="store_true",
+                   help="with --data/--met: skip listed images that are not on disk")
 
 
 def _add_extractor_options(p: argparse.ArgumentParser, config_default=feature_settings.DEFAULT_CONFIG) -> None:
@@ -116,8 +120,8 @@ def _inputs(args) -> Tuple[Path, List[str], List[str]]:
         keys = list_images(args.images)
         return args.images, keys, keys
     from . import datasets
-    ds = datasets.load_directory(args.data) if args.data is not None else \
-        datasets.load_met(args.met, mini=args.mini)
+    ds = datasets.load_directory(args.data, skip_missing=args.skip_missing) if args.data is not None else \
+        datasets.load_met(args.met, mini=args.mini, skip_missing=args.skip_missing)
     keys = {"database": ds.db_keys, "queries": ds.query_keys,
             "all": list(ds.db_keys) + list(ds.query_keys)}[args.split]
     return ds.image_root, keys, list(ds.db_keys)
@@ -528,21 +532,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    # SIGTERM (a scheduler's or `kill`'s stop) ends the job like Ctrl-C: the stores keep every
+    # finished image and the next run continues from there.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         result = args.run(args)
-    except KeyboardInterrupt:
-        print("how-met: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        name = exc.args[0] if exc.args else "SIGINT"
+        print(f"how-met {args.command}: interrupted ({name}); rerun the same command to continue",
+              file=sys.stderr)
+        return 128 + getattr(signal, str(name), signal.SIGINT)
     except (FileNotFoundError, ValueError, RuntimeError, KeyError) as exc:
         if args.verbose:
             raise
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"how-met {args.command}: error: {msg}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return int(result or 0)
 
 

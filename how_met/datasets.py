@@ -88,6 +88,40 @@ class Dataset:
                            f"(splits: {sorted(self.query_splits) or 'none'})")
         return [self.query_keys[i] for i in positions], self.query_labels[positions], positions
 
+    def without(self, keys: Sequence[str]) -> "Dataset":
+        """This dataset with the images ``keys`` dropped (database entries and queries)."""
+        drop = set(keys)
+        db = [i for i, k in enumerate(self.db_keys) if k not in drop]
+        kept = np.array([k not in drop for k in self.query_keys], bool)
+        new_position = np.cumsum(kept) - 1
+        splits = {name: new_position[positions[kept[positions]]] for name, positions in self.query_splits.items()}
+        return Dataset(self.name, self.image_root, [self.db_keys[i] for i in db], self.db_labels[db],
+                       [k for k, keep in zip(self.query_keys, kept) if keep], self.query_labels[kept], splits)
+
+    def identity(self) -> Dict[str, str]:
+        """Hashes of what results depend on besides the settings: the database list (keys and
+        labels), the query list (keys, labels, splits) and the image files (size and
+        modification time of each; one stat per image). A work directory records them."""
+        import hashlib
+
+        def digest(*parts) -> str:
+            h = hashlib.sha256()
+            for part in parts:
+                h.update(json.dumps(part, sort_keys=True).encode())
+            return h.hexdigest()[:16]
+
+        files = []
+        for key in self.all_keys():
+            try:
+                st = os.stat(self.image_root / key)
+                files.append((key, st.st_size, st.st_mtime_ns))
+            except OSError:
+                files.append((key, None, None))
+        return {"database list": digest(list(self.db_keys), self.db_labels.tolist()),
+                "query list": digest(list(self.query_keys), self.query_labels.tolist(),
+                                     {k: v.tolist() for k, v in self.query_splits.items()}),
+                "image files": digest(files)}
+
     def summary(self) -> dict:
         out = {"name": self.name, "image_root": str(self.image_root),
                "db_images": len(self.db_keys), "db_classes": self.n_classes,
@@ -100,7 +134,9 @@ class Dataset:
 
 # -- reading the ground-truth files -----------------------------------------------------------------
 
-def _read_entries(path: Path) -> list:
+def read_entries(path: Path) -> list:
+    """The entries of a JSON list of images (one-line errors for a missing, non-UTF-8, malformed
+    or non-list file)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: ground-truth file not found")
     try:
@@ -115,18 +151,26 @@ def _read_entries(path: Path) -> list:
     return entries
 
 
-def _entry_path(path: Path, i: int, entry) -> str:
-    if not isinstance(entry, dict):
-        raise ValueError(f"{path}: entry {i} is a JSON {type(entry).__name__}, expected an object")
-    image = entry.get("path")
-    if not isinstance(image, str) or not image.strip():
-        raise ValueError(f"{path}: entry {i} has no \"path\" string")
+def relative_key(where: str, image: str) -> str:
+    """``image`` as a key relative to an image root, the one rule for every list of images
+    (ground truth, query lists, the extractor): no absolute path, drive letter or '..'."""
     image = image.strip()
-    if image.startswith(("/", "\\")) or (len(image) > 1 and image[1] == ":") or ".." in image.split("/"):
-        raise ValueError(f"{path}: entry {i} path {image!r} must be relative to the image root, without '..'")
+    if image.startswith(("/", "\\")) or (len(image) > 1 and image[1] == ":") or \
+            ".." in image.replace("\\", "/").split("/"):
+        raise ValueError(f"{where} path {image!r} must be relative to the image root, without '..'")
     if "//" in image or image.startswith("./") or "/./" in image or image.endswith("/"):
         image = str(PurePosixPath(image))  # "./a//b.jpg" -> "a/b.jpg" (rare; skipped for speed)
     return image
+
+
+def entry_path(path: Path, i: int, entry, plain_strings: bool = False) -> str:
+    """The image key of entry ``i`` of a JSON list: ``{"path": ...}`` (or a plain string)."""
+    image = entry.get("path") if isinstance(entry, dict) else entry
+    if not isinstance(entry, dict) and not (plain_strings and isinstance(entry, str)):
+        raise ValueError(f"{path}: entry {i} is a JSON {type(entry).__name__}, expected an object")
+    if not isinstance(image, str) or not image.strip():
+        raise ValueError(f"{path}: entry {i} has no \"path\" string")
+    return relative_key(f"{path}: entry {i}", image)
 
 
 def _class_id(path: Path, i: int, entry: dict, field_name: str, required: bool) -> int:
@@ -141,8 +185,8 @@ def _class_id(path: Path, i: int, entry: dict, field_name: str, required: bool) 
         if not value.strip().isdigit():
             raise ValueError(f"{path}: entry {i} \"{field_name}\" is {value!r}, expected an integer class id")
         value = int(value)
-    if value < 0:
-        raise ValueError(f"{path}: entry {i} \"{field_name}\" is {value}, class ids must be >= 0")
+    if not 0 <= value < 2 ** 63:
+        raise ValueError(f"{path}: entry {i} \"{field_name}\" is {value}, class ids must be in [0, 2**63)")
     return int(value)
 
 
@@ -150,8 +194,8 @@ def _read_labelled(path, field_name: str, required: bool) -> Tuple[List[str], np
     """Entries with a unique "path" and a class id in ``field_name`` -> (keys, labels int64)."""
     path = Path(path)
     keys, labels, first_seen = [], [], {}
-    for i, entry in enumerate(_read_entries(path)):
-        key = _entry_path(path, i, entry)
+    for i, entry in enumerate(read_entries(path)):
+        key = entry_path(path, i, entry)
         if key in first_seen:
             raise ValueError(f"{path}: entry {i} repeats the path {key!r} of entry {first_seen[key]}")
         first_seen[key] = i

@@ -40,7 +40,7 @@ import numpy as np
 from .settings import (CODEBOOK_DIR, CODEBOOK_RECIPES, DEFAULT_EF_SEARCH, DEFAULT_HNSW_M,
                        DEFAULT_MAX_DESCRIPTORS, DEFAULT_NPROBE, KMEANS_POINTS_PER_WORD, LEGACY_METHOD_NAMES,
                        RECALL_SAMPLE, SEARCH_METHODS, auto_codebook_size)
-from ..utils import atomic_path, check_file_format, progress, write_json
+from ..utils import atomic_path, check_file_format, load_npz, progress, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -336,14 +336,16 @@ class Codebook:
             path = path.with_name(path.name + ".npz")
         if not path.exists():
             raise FileNotFoundError(f"{path}: codebook does not exist")
+        data = load_npz(path)  # headers checked against the file: no huge allocation, no pickles
         try:
-            with np.load(path, allow_pickle=False) as data:
-                centroids = np.ascontiguousarray(data["centroids"], np.float32)
-                meta = json.loads(str(data["meta_json"]))
-                coarse = np.ascontiguousarray(data["coarse_centroids"], np.float32) \
-                    if "coarse_centroids" in data.files else None
-        except (OSError, ValueError, KeyError, EOFError) as exc:
+            centroids = np.ascontiguousarray(data["centroids"], np.float32)
+            meta = json.loads(str(data["meta_json"]))
+            coarse = np.ascontiguousarray(data["coarse_centroids"], np.float32) \
+                if "coarse_centroids" in data else None
+        except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{path}: not a readable codebook ({type(exc).__name__}: {exc})") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{path}: not a how-met codebook (metadata is a {type(meta).__name__})")
         check_file_format(path, meta, FORMAT, FORMAT_VERSION, "codebook")
         if centroids.ndim != 2 or list(centroids.shape) != [meta.get("size"), meta.get("dim")]:
             raise ValueError(f"{path}: centroids of shape {centroids.shape} do not match the "

@@ -27,6 +27,8 @@ def build_index(features_path, codebook, extend=None, batch_size: int = 64, use_
     """
     codebook = load_codebook(codebook)
     with FeatureStore(features_path, "r") as store:
+        if not len(store):
+            raise ValueError(f"{features_path}: holds no image features (nothing to index)")
         extractor = store.config
         codebook_name = codebook.path or "the codebook"
         check_extractor(extractor, codebook.meta.get("extractor") or {}, features_path, codebook_name)

@@ -5,6 +5,7 @@ ImageNet weights.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import urllib.request
@@ -23,19 +24,37 @@ from ..utils import atomic_path
 CHECKPOINT_FORMAT = "how-met/1"
 
 
+def cached_download(url: str) -> Path:
+    """The local copy of ``url`` in the cache (``$HOW_MET_CACHE``, default ~/.cache/how-met),
+    downloaded once. The cache is keyed by the whole URL (two URLs ending in the same file name
+    are two files); a ``#sha256=<hex>`` fragment is checked against the file's SHA-256."""
+    url, _, fragment = url.partition("#")
+    expected = fragment[len("sha256="):].lower() if fragment.startswith("sha256=") else None
+    cache = Path(os.environ.get("HOW_MET_CACHE", Path.home() / ".cache" / "how-met"))
+    name = Path(url.split("?")[0]).name or "download"
+    target = cache / hashlib.sha256(url.encode()).hexdigest()[:16] / name
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target, suffix=".part") as tmp:
+            try:
+                urllib.request.urlretrieve(url, tmp)
+            except OSError as exc:
+                raise RuntimeError(f"{url}: download failed ({exc})") from None
+    if expected:
+        digest = hashlib.sha256()
+        with open(target, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != expected:
+            raise RuntimeError(f"{url}: sha256 {digest.hexdigest()} of the downloaded file ({target}) "
+                               f"is not the expected {expected}")
+    return target
+
+
 def _read_checkpoint(source: str) -> dict:
     """torch.load(weights_only=True) of a path or http(s) URL (never runs code from the file)."""
     if str(source).startswith(("http://", "https://")):
-        cache = Path(os.environ.get("HOW_MET_CACHE", Path.home() / ".cache" / "how-met"))
-        cache.mkdir(parents=True, exist_ok=True)
-        target = cache / Path(str(source).split("?")[0]).name
-        if not target.exists():
-            with atomic_path(target, suffix=".part") as tmp:
-                try:
-                    urllib.request.urlretrieve(str(source), tmp)
-                except OSError as exc:
-                    raise RuntimeError(f"{source}: download failed ({exc})") from None
-        source = target
+        source = cached_download(str(source))
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"{path}: checkpoint not found")
@@ -64,7 +83,10 @@ def load_model(source: str, device: str = "cpu") -> HOWNet:
         raise RuntimeError(f"{source}: no 'state_dict' in checkpoint")
     state = ckpt["state_dict"]
     if ckpt.get("format") == CHECKPOINT_FORMAT:
-        config = ModelConfig(**json.loads(ckpt["config"]))
+        try:
+            config = ModelConfig(**json.loads(ckpt["config"]))
+        except (TypeError, ValueError) as exc:  # unknown or missing fields, not JSON
+            raise RuntimeError(f"{source}: model config is not valid ({exc})") from None
         model = HOWNet(config, imagenet=False)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:

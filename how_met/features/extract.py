@@ -1,8 +1,10 @@
 """Stage 1: images -> HOW local features (+ GeM global descriptor) in an HDF5 feature store.
 
 ``extract_to_store`` skips images already in the store, so an interrupted run resumes where it
-stopped; ``shard=(i, n)`` splits the work between workers and ``merge_stores`` joins their
-files. Decoding runs in DataLoader worker processes while the network runs in the main process.
+stopped -- also after a kill, since the store journals every finished image (see
+``how_met.features.store``); ``shard=(i, n)`` splits the work between workers and
+``merge_stores`` joins their files. Decoding runs in DataLoader worker processes while the
+network runs in the main process.
 """
 from __future__ import annotations
 
@@ -20,10 +22,11 @@ import torch
 
 from .backbones import BACKBONES
 from .checkpoints import build_model, load_model, save_model
-from .settings import DEFAULT_RESIZE_RULE, WHITEN_FEATURES, WHITEN_IMAGES, check_model, resolve_config, store_config
-from .images import ImageError, image_array, load_image
+from .settings import (DEFAULT_RESIZE_RULE, WHITEN_FEATURES, WHITEN_IMAGES, check_extraction_config, check_model,
+                       resolve_config, store_config)
+from .images import ImageError, image_array, image_file, load_image
 from .network import HOWNet, model_fingerprint
-from .store import FeatureStore, LocalFeatures
+from .store import FeatureStore, LocalFeatures, open_store
 from .whitening import whitening_from_moments
 from ..utils import configure_threads, configured_threads, free_cores, progress
 
@@ -47,7 +50,7 @@ class _ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         key = self.keys[i]
         try:
-            arr, original = load_image(self.image_root / key, self.image_size, self.loading)
+            arr, original = load_image(image_file(self.image_root, key), self.image_size, self.loading)
         except ImageError as exc:
             return key, None, None, str(exc)
         return key, torch.from_numpy(arr.copy()).permute(2, 0, 1), original, None
@@ -288,8 +291,13 @@ def extraction_config_of(recorded: dict) -> dict:
 def model_of_store(store_path, device: str = "cpu") -> Tuple[HOWNet, dict, Path]:
     """(model, extraction config, model file) that made the descriptors of a feature store:
     what to extract queries with so that they can be compared with that store."""
-    with FeatureStore(store_path, "r") as store:
+    store, owned = open_store(store_path)
+    try:
         model_file, fingerprint, recorded = store.model_file, store.model_fingerprint, store.config
+        store_path = store.path
+    finally:
+        if owned:
+            store.close()
     if model_file is None:
         raise FileNotFoundError(f"{store_path}: records no model file (written by an older how-met); "
                                 f"pass the model it was extracted with as the checkpoint instead")
@@ -311,15 +319,16 @@ def extract_to_store(image_root, keys: Sequence[str], out, config=None,
     images are extracted so that they can be searched against that database. Otherwise
     ``model`` (default: built from ``config``); when it has no PCA-whitening yet, the whitening
     is learned first from ``whiten_keys`` (default: ``keys``) and the features computed for it
-    are reused. Images already in the store are skipped (resume; a store that records its model
-    resumes with it). The store records the model's fingerprint and its file: ``model_out``,
-    else the model ``like`` names, else ``<out stem>.model.pt`` beside the store. Returns stats
-    (counts, seconds, images/s).
+    are reused. Images already in the store (or in the journal of an interrupted run) are skipped
+    (resume; a store that records its model resumes with it). The store records the model's
+    fingerprint and its file: ``model_out``, else the model ``like`` names, else ``<out
+    stem>.model.pt`` beside the store. ``flush_every``: images between syncs of the journal to
+    disk (a killed process loses nothing either way; this bounds what a power cut loses).
+    Returns stats (counts, seconds, images/s).
     """
     image_root = Path(image_root)
     if not image_root.is_dir():
         raise FileNotFoundError(f"{image_root}: image root is not a directory")
-    model, config, model_file = _extraction_model(out, config, model, like, device)
     if workers is None:
         workers = default_workers()
     keys = sorted(dict.fromkeys(keys))
@@ -327,6 +336,7 @@ def extract_to_store(image_root, keys: Sequence[str], out, config=None,
         keys = keys[shard[0]::shard[1]]
     started = time.perf_counter()
     with FeatureStore(out, "a") as store:
+        model, config, model_file = _extraction_model(store, config, model, like, device)
         todo = [k for k in keys if k not in store]
         raw: Dict[str, LocalFeatures] = {}
         learned = bool(todo) and not model.has_whitening
@@ -347,23 +357,21 @@ def extract_to_store(image_root, keys: Sequence[str], out, config=None,
     return stats
 
 
-def _extraction_model(out, config, model: Optional[HOWNet], like, device: str
+def _extraction_model(store: FeatureStore, config, model: Optional[HOWNet], like, device: str
                       ) -> Tuple[HOWNet, dict, Optional[Path]]:
-    """(model, config, its file or None) an extraction into ``out`` runs with: the model of the
-    store ``like``; else, resuming a store that records its model, that model; else ``model``
-    (default: built from ``config``)."""
+    """(model, config, its file or None) an extraction into ``store`` (open for writing) runs
+    with: the model of the store ``like``; else, resuming a store (or its journal) that records
+    its model, that model; else ``model`` (default: built from ``config``)."""
     model_file = None
     if like is not None:
         if model is not None or config is not None:
             raise ValueError("extract_to_store: give like= or model/config, not both")
         model, config, model_file = model_of_store(like, device)
-    config = resolve_config(config)
+    config = check_extraction_config(resolve_config(config))
     configure_threads()
-    if (model is None or not model.has_whitening) and Path(out).is_file() and like is None:
-        with FeatureStore(out, "r") as existing:
-            resumable = existing.model_file is not None and existing.model_file.is_file() and len(existing)
-        if resumable:  # resume with the model the stored descriptors came from
-            model, _, model_file = model_of_store(out, device)
+    if (model is None or not model.has_whitening) and like is None and len(store) and \
+            store.model_file is not None and store.model_file.is_file():
+        model, _, model_file = model_of_store(store, device)  # resume with the stored model
     if model is None:
         model = build_model(**config["model"], device=device)
     return model.to(device).eval(), config, model_file

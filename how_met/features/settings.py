@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -98,6 +99,32 @@ def shipped_path(name: str, part: str) -> Path:
     return SHIPPED_DIR / SHIPPED_MODELS[name][part]
 WHITEN_IMAGES = 1000       # images PCA-whitening is learned from when a model has none
 WHITEN_FEATURES = 1000     # features per image for it (SPEC: up to 1000)
+
+
+# Bounds on what one image may cost: the network input at the largest scale (longer side, px),
+# the number of scales and the features kept (the published setting: 1024 px x 2, 7 scales,
+# 1000 features). `--scales 40` asked for 18 GB before these.
+MAX_INPUT_SIDE = 4096
+MAX_SCALES = 16
+MAX_FEATURES = 100_000
+
+
+def check_extraction_config(config: dict, where="extraction settings") -> dict:
+    """Refuse settings that are malformed or would make one image cost unbounded memory/time
+    (``where`` names their source: the command line, an index's metadata, ...)."""
+    scales = config.get("scales")
+    if not isinstance(scales, (list, tuple)) or not scales or len(scales) > MAX_SCALES or not all(
+            isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s > 0
+            for s in scales):
+        raise ValueError(f"{where}: scales {scales!r} must be 1 to {MAX_SCALES} positive finite numbers")
+    for name, low, high in (("image_size", 1, MAX_INPUT_SIDE), ("features_num", 1, MAX_FEATURES)):
+        value = config.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"{where}: {name} {value!r} must be an integer in [{low}, {high}]")
+    if config["image_size"] * max(scales) > MAX_INPUT_SIDE:
+        raise ValueError(f"{where}: image_size {config['image_size']} x scale {max(scales):g} exceeds "
+                         f"the {MAX_INPUT_SIDE} px network input limit")
+    return config
 
 
 def default_config() -> dict:

@@ -3,8 +3,11 @@ baseline -> kNN classifier -> GAP, every stage resumable in a work directory.
 
 Work directory layout (each file is written atomically; a stage whose output exists is skipped)::
 
+    settings.json, data.json the settings and the data (lists, image files) it was made from;
+                             a rerun with others is refused
     model.pt                 HOW model with the PCA-whitening learned on the database
-    features.h5              local + GeM features of database and query images
+    features.h5              local + GeM features of database and query images (journalled
+                             while extracting: a killed run continues where it stopped)
     codebook.npz / .json     visual words
     index/                   binary ASMK inverted file of the database
     global_whitening.npz     PCA-whitening of the GeM descriptors (learned on the database)
@@ -37,6 +40,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..datasets import DISTRACTOR, Dataset, load_dataset
+from ..features.store import FeatureStore
 from ..recognition import fusion, knn
 from ..recognition.acceptance import degenerate_confidence
 from ..recognition.protocol import protocol_folds, tune_and_test
@@ -166,6 +170,21 @@ def _method_candidates(ds: Dataset, run: Path, features: Path, settings: dict, t
     return lists
 
 
+def check_data(work: Path, ds: Dataset) -> None:
+    """Refuse a work directory made from other data (lists or image files); record it in a new
+    one. A resumed run must not answer with the results of another dataset."""
+    path = work / "data.json"
+    identity = ds.identity()
+    if path.exists():
+        previous = json.loads(path.read_text())
+        changed = [name for name in identity if previous.get(name) != identity[name]]
+        if changed:
+            raise ValueError(f"{work}: was made from other data ({', '.join(changed)} changed); use a "
+                             f"new --work directory")
+    else:
+        write_json(path, identity)
+
+
 def run_evaluation(data_dir=None, work_dir="how-met-work", settings: Optional[dict] = None,
                    cv: Optional[int] = None, dataset: Optional[Dataset] = None, device: str = "cpu",
                    repeats: int = 1, **overrides) -> dict:
@@ -182,13 +201,19 @@ def run_evaluation(data_dir=None, work_dir="how-met-work", settings: Optional[di
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     ds = dataset if dataset is not None else load_dataset(data_dir)
+    check_data(work, ds)
     record_settings(work, settings)
     timings = Timings(work / "timings.json")
     seeds = repeat_seeds(settings["seed"], repeats)
-    protocol, _ = protocol_folds(ds, cv, settings["seed"])
     methods = [m for m in settings["methods"] if m in METHODS]
 
     features = stage_extract(ds, work, settings, timings, device)
+    with FeatureStore(features) as store:  # images --skip-bad skipped take no part in any stage
+        skipped = [key for key in ds.all_keys() if key not in store]
+    if skipped:
+        logger.warning("%s: %d unreadable images skipped (first: %s)", features, len(skipped), skipped[0])
+        ds = ds.without(skipped)
+    protocol, _ = protocol_folds(ds, cv, settings["seed"])
     # the recogniser needs the global whitening whatever its method
     global_neigh = stage_global(ds, work, features, settings, timings)
     global_list = (aligned(global_neigh, ds), global_neigh)
@@ -215,6 +240,8 @@ def run_evaluation(data_dir=None, work_dir="how-met-work", settings: Optional[di
     results["notes"]["unsupervised"] = unsupervised_source(settings, len(ds.db_keys)) or "database"
     if timings.get("global_whitening"):
         results["notes"]["global_whitening"] = timings.get("global_whitening")
+    if skipped:
+        results["notes"]["skipped_images"] = skipped
     (work / "predictions").mkdir(exist_ok=True)
     costs = _method_costs(work, timings)
     for name in methods:

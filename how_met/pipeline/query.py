@@ -2,7 +2,6 @@
 database's model -> ASMK search -> optionally reranked by spatial verification."""
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -18,22 +17,24 @@ from ..neighbours import Neighbours
 def read_image_list(images) -> Tuple[Path, List[str]]:
     """(image root, keys) from a folder of images, a JSON list (Met format: [{"path": ...}] or
     plain strings) or a text file with one path per line (paths relative to the list's folder,
-    or to its ``images/`` subfolder when that exists, like the Met loader)."""
+    or to its ``images/`` subfolder when that exists, like the Met loader). Listed paths follow
+    the ground truth's rule (relative, no '..')."""
+    from ..datasets import entry_path, read_entries, relative_key
     from ..features.images import list_images
     images = Path(images)
     if images.is_dir():
         return images, list_images(images)
     if not images.exists():
         raise FileNotFoundError(f"{images}: no such image folder or list")
-    text = images.read_text()
     if images.suffix.lower() == ".json":
-        try:
-            entries = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{images}: not valid JSON ({exc})") from None
-        keys = [e["path"] if isinstance(e, dict) else str(e) for e in entries]
+        keys = [entry_path(images, i, e, plain_strings=True) for i, e in enumerate(read_entries(images))]
     else:
-        keys = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        try:
+            lines = images.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{images}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        keys = [relative_key(f"{images}: line {n}", line) for n, line in enumerate(lines, 1)
+                if line.strip() and not line.startswith("#")]
     root = images.parent / "images" if (images.parent / "images").is_dir() else images.parent
     return root, keys
 
@@ -94,8 +95,9 @@ def run_query(index, codebook, out, features=None, images=None, checkpoint=None,
                 raise ValueError("--images needs --checkpoint: the model (with its learned whitening) the "
                                  "database features were extracted with")
             from ..features.checkpoints import load_model
-            from ..features.settings import default_config
-            config = query_config(index.extractor, config or default_config(), explicit)
+            from ..features.settings import check_extraction_config, default_config
+            config = check_extraction_config(query_config(index.extractor, config or default_config(), explicit),
+                                             f"{index.path}: extraction settings")
             model = load_model(checkpoint, device)
             query_features = save_features or Path(tmp) / "queries.h5"
             result = query_images(index, codebook, images, image_root=image_root, model=model,

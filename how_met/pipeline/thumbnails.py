@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 from urllib.parse import quote
 
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw
 
+from ..features.images import image_file, load_image
 from ..utils import atomic_path
 
 logger = logging.getLogger("how_met.report")
@@ -44,8 +45,10 @@ class Thumbnails:
         """(relative src, width, height) of the thumbnail of image ``key``."""
         if key in self._made:
             return self._made[key]
-        source = (self.image_root / key) if self.image_root is not None else None
         try:
+            if self.image_root is None:
+                raise FileNotFoundError("no image root")
+            source = image_file(self.image_root, key)
             stat = source.stat()
             tag = f"{key}\0{stat.st_size}\0{stat.st_mtime_ns}"
             name = hashlib.sha1(tag.encode("utf-8")).hexdigest()[:20] + ".jpg"
@@ -54,14 +57,12 @@ class Thumbnails:
                 with Image.open(path) as thumb:
                     size = thumb.size
             else:
-                with Image.open(source) as img:
-                    img = ImageOps.exif_transpose(img)
-                    img.draft("RGB", (THUMB_SIZE * 2, THUMB_SIZE * 2))
-                    img = img.convert("RGB")
-                    img.thumbnail((THUMB_SIZE, THUMB_SIZE), Image.LANCZOS)
-                    size = img.size
-                    with atomic_path(path) as tmp:
-                        img.save(tmp, format="JPEG", quality=85)
+                # the extractor's decoder: same guards (size limit, bounded memory, EXIF)
+                img = Image.fromarray(load_image(source, THUMB_SIZE * 2)[0])
+                img.thumbnail((THUMB_SIZE, THUMB_SIZE), Image.LANCZOS)
+                size = img.size
+                with atomic_path(path) as tmp:
+                    img.save(tmp, format="JPEG", quality=85)
             entry = (f"{THUMBS_DIR}/{name}", size[0], size[1])
         except (OSError, AttributeError, ValueError) as exc:
             logger.debug("report: no thumbnail for %s (%s)", key, exc)

@@ -185,8 +185,10 @@ def _class_id(path: Path, i: int, entry: dict, field_name: str, required: bool) 
         if not value.strip().isdigit():
             raise ValueError(f"{path}: entry {i} \"{field_name}\" is {value!r}, expected an integer class id")
         value = int(value)
-    if not 0 <= value < 2 ** 63:
-        raise ValueError(f"{path}: entry {i} \"{field_name}\" is {value}, class ids must be in [0, 2**63)")
+    if value < 0:
+        raise ValueError(f"{path}: entry {i} \"{field_name}\" is {value}, class ids must be >= 0")
+    if value >= 2 ** 63:  # stored as int64
+        raise ValueError(f"{path}: entry {i} \"{field_name}\" is {value}, class ids must be < 2**63")
     return int(value)
 
 

@@ -486,32 +486,6 @@ class FeatureStore:
     def model_fingerprint(self) -> Optional[str]:
         """Fingerprint of the model that made the descriptors (None in stores written before
         how-met recorded it)."""
-        value = self._file.attrs.get("model_fingerprint")
-        return str(value) if value else None
-
-    def set_model_fingerprint(self, fingerprint: str) -> None:
-        """Record the model's fingerprint; refuses to mix descriptors of two models (two
-        PCA-whitenings of one backbone are two models)."""
-        current = self.model_fingerprint
-        if current and current != fingerprint:
-            raise FeatureStoreError(
-                f"{self.path}: holds descriptors of model {current}, not of this model ({fingerprint}); "
-                f"extract into a new file, or with the store's own model (--like {self.path})")
-        self._file.attrs["model_fingerprint"] = fingerprint
-
-    @property
-    def model_file(self) -> Optional[Path]:
-        """The file of the model that made the descriptors, if the store records one."""
-        value = self._file.attrs.get("model_file")
-        return (self.path.parent / str(value)) if value else None
-
-    def set_model_file(self, path: os.PathLike) -> None:
-        self._file.attrs["model_file"] = os.path.relpath(Path(path).resolve(), self.path.parent.resolve())
-
-    @property
-    def model_fingerprint(self) -> Optional[str]:
-        """Fingerprint of the model that made the descriptors (None in stores written before
-        how-met recorded it)."""
         value = self._attr("model_fingerprint")
         return str(value) if value else None
 

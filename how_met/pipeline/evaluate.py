@@ -33,6 +33,7 @@ reported as mean +- std over the repeats.
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple

@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
+from how_met.asmk.aggregation import Aggregated
 from how_met.asmk.codebook import Codebook
 from how_met.asmk.inverted_file import InvertedFile
 from how_met.features.store import FeatureStore, FeatureStoreError, LocalFeatures
@@ -37,7 +38,7 @@ def small_index(tmp_path):
     ivf = InvertedFile(8, dim=64)
     words = np.array([0, 1, 2, 1, 3, 4, 5, 6, 7, 0])
     images = np.array([0, 0, 1, 1, 2, 2, 2, 3, 3, 3])
-    ivf.add(["a", "b", "c", "d"], rng.integers(0, 2 ** 63, (10, 1), dtype=np.uint64), words, images)
+    ivf.add(["a", "b", "c", "d"], Aggregated(rng.integers(0, 2 ** 63, (10, 1), dtype=np.uint64), words, images))
     path = ivf.save(tmp_path / "index")
     return path, ivf
 
@@ -238,7 +239,7 @@ def test_size_bombs_stay_in_bounded_memory(tmp_path):
     # an index whose offsets declare 100M words
     rng = np.random.default_rng(0)
     ivf = InvertedFile(4, dim=64)
-    ivf.add(["a"], rng.integers(0, 2 ** 63, (2, 1), dtype=np.uint64), np.array([0, 1]), np.array([0, 0]))
+    ivf.add(["a"], Aggregated(rng.integers(0, 2 ** 63, (2, 1), dtype=np.uint64), np.array([0, 1]), np.array([0, 0])))
     index = ivf.save(tmp_path / "index")
     meta = json.loads((index / "meta.json").read_text())
     meta["n_words"] = 100_000_000

@@ -164,15 +164,16 @@ def test_the_full_k_by_t_grid_is_searched():
 
 
 def test_config_how_r18_is_the_published_pipeline():
-    from how_met.cli import _evaluation_settings, build_parser
+    from how_met.cli import build_parser
+    from how_met.cli.evaluation import evaluation_settings
     args = build_parser().parse_args(["evaluate", "--met", "met", "--work", "w", "--config", "how-r18",
                                       "--checkpoint", "how_r18.pth", "--codebook", "cb.npz"])
-    settings = _evaluation_settings(args)
+    settings = evaluation_settings(args)
     extract = settings["extract"]
     assert (extract["model"]["backbone"], extract["scales"], extract["image_size"], extract["features_num"]) == \
         ("resnet18", [2.0, 1.414, 1.0, 0.707, 0.5, 0.353, 0.25], 1024, 1000)
     assert (extract["resize_rule"], extract["image_loading"]) == ("floor", "official")
     assert (settings["codebook"], settings["codebook_size"], settings["codebook_points_per_centroid"],
             settings["seed"], settings["global_dims"]) == ("cb.npz", 65536, 256, 1234, 512)
-    plain = _evaluation_settings(build_parser().parse_args(["evaluate", "--met", "met", "--work", "w"]))
+    plain = evaluation_settings(build_parser().parse_args(["evaluate", "--met", "met", "--work", "w"]))
     assert plain["extract"]["resize_rule"] == "round" and plain["global_dims"] == 128 and plain["codebook"] is None

@@ -1,0 +1,128 @@
+"""Commands of the ASMK stage: codebook, index, query."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..asmk import settings as asmk_settings
+from ..features import settings as feature_settings
+from ..utils import configure_threads
+from .options import Command, add_model_options, extraction_config
+
+
+def _configure_codebook(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--features", type=Path, required=True, help="HDF5 feature store to train on")
+    p.add_argument("--size", type=int, help="number of visual words (default: the recipe's, else sized "
+                                            "like evaluate does: ~200 descriptors per word, 1k to 64k)")
+    p.add_argument("--recipe", choices=sorted(asmk_settings.CODEBOOK_RECIPES),
+                   help="named recipe (sets size, iterations, seed, max descriptors and the file name)")
+    p.add_argument("--out", type=Path, help="codebook file (.npz); default codebooks/<name>.npz")
+    p.add_argument("--iterations", type=int, help="k-means iterations (default: the recipe's, else 10)")
+    p.add_argument("--seed", type=int, help="random seed (default: the recipe's, else 0)")
+    p.add_argument("--max-descriptors", type=int,
+                   help=f"training descriptors, same quota per image (default: the recipe's, else "
+                        f"{asmk_settings.DEFAULT_MAX_DESCRIPTORS:,})")
+    p.add_argument("--max-images", type=int, help="train on at most this many images (random)")
+    p.add_argument("--points-per-centroid", type=int,
+                   help=f"faiss k-means' cap on training points per word (official HOW: "
+                        f"{asmk_settings.OFFICIAL_POINTS_PER_CENTROID}; default: the recipe's, else none)")
+    p.add_argument("--method", choices=asmk_settings.SEARCH_METHODS, default="auto",
+                   help="assignment search: exact (auto), or approximate ivf/hnsw (README \"Fidelity\")")
+
+
+def _run_codebook(args) -> int:
+    from ..asmk.codebook import train_codebook
+    configure_threads()
+    cb, out = train_codebook(args.features, size=args.size, recipe=args.recipe, iterations=args.iterations,
+                             seed=args.seed, max_descriptors=args.max_descriptors,
+                             max_images=args.max_images, method=args.method, out=args.out,
+                             points_per_centroid=args.points_per_centroid)
+    summary = {"codebook": str(out), "size": cb.meta["size"], "dim": cb.meta["dim"],
+               "training_set": cb.meta["training_set"], "method": cb.method,
+               "assignment_recall": cb.meta.get("assignment_recall")}
+    print(json.dumps(summary))
+    return 0
+
+
+def _configure_index(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--features", type=Path, required=True, help="feature store of the database images")
+    p.add_argument("--codebook", type=Path, required=True, help="codebook (.npz)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="index to write: a directory, or one HDF5 file if it ends in .h5")
+    p.add_argument("--append", action="store_true",
+                   help="add the store's images that the existing index does not hold yet")
+    p.add_argument("--idf", action="store_true", help="idf-weighted scores (off by default, as in SPEC)")
+    p.add_argument("--float", dest="binary", action="store_false",
+                   help="non-binary ASMK: L2-normalised float residuals (128 x 4 bytes each)")
+    p.add_argument("--batch-size", type=int, default=64, help="images quantised together")
+
+
+def _run_index(args) -> int:
+    from ..asmk.indexing import build_index
+    configure_threads()
+    ivf = build_index(args.features, args.codebook, extend=args.out if args.append and args.out.exists() else None,
+                      batch_size=args.batch_size, use_idf=args.idf, binary=args.binary)
+    ivf.save(args.out)
+    stats = ivf.stats()
+    print(json.dumps({"index": str(args.out), "images": stats["images"], "postings": stats["postings"],
+                      "bytes_per_vector": round(stats["bytes"]["per_vector"], 2),
+                      "bytes_per_image": round(stats["bytes"]["per_image_total"], 1)}))
+    return 0
+
+
+def _configure_query(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--index", type=Path, required=True, help="inverted file (directory or .h5)")
+    p.add_argument("--codebook", type=Path, required=True, help="codebook the index was built with")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--features", type=Path, help="feature store of the query images")
+    src.add_argument("--images", type=Path,
+                     help="query images: a folder, or a list (.json Met-style or .txt, one path a line)")
+    p.add_argument("--out", type=Path, required=True, help="results file (.h5 or .json)")
+    p.add_argument("-k", type=int, default=asmk_settings.DEFAULT_K, help="neighbours per query")
+    p.add_argument("--multiple-assignment", type=int, default=asmk_settings.DEFAULT_MULTIPLE_ASSIGNMENT,
+                   help="visual words per query descriptor")
+    p.add_argument("--alpha", type=float, help="selective-kernel exponent (default: the index's, 3)")
+    p.add_argument("--tau", type=float, help="selective-kernel threshold (default: the index's, 0)")
+    p.add_argument("--idf", dest="use_idf", action="store_true", default=None, help="idf-weighted scores")
+    p.add_argument("--query-batch", type=int, default=32, help="query images searched together")
+    p.add_argument("--image-root", type=Path, help="with --images LIST: folder the listed paths are relative to")
+    p.add_argument("--save-features", type=Path, help="with --images: keep the extracted query features here")
+    p.add_argument("--rerank", action="store_true",
+                   help="rerank each query's top-k with spatial verification (needs --db-features)")
+    p.add_argument("--db-features", type=Path, help="with --rerank: the database feature store")
+    add_model_options(p)
+
+
+def _run_query(args) -> int:
+    from ..pipeline.query import run_query
+    configure_threads()
+    explicit = [name for name in feature_settings.OVERRIDABLE if getattr(args, name) is not None]
+    config = extraction_config(args) if args.images is not None else None
+    result = run_query(args.index, args.codebook, args.out, features=args.features, images=args.images,
+                       checkpoint=args.checkpoint, config=config, explicit=explicit,
+                       image_root=args.image_root, save_features=args.save_features, device=args.device,
+                       workers=args.workers, extract_batch_size=args.batch_size, rerank=args.rerank,
+                       db_features=args.db_features, k=args.k, multiple_assignment=args.multiple_assignment,
+                       alpha=args.alpha, tau=args.tau, use_idf=args.use_idf, batch_size=args.query_batch)
+    answered = int((result.indices[:, 0] >= 0).sum()) if len(result) else 0
+    print(json.dumps({"results": str(args.out), "queries": len(result), "with_neighbours": answered,
+                      "k": args.k, "reranked": bool(args.rerank)}))
+    return 0
+
+
+COMMANDS = {
+    "codebook": Command(
+        "train a k-means codebook of visual words from a feature store",
+        "how-met codebook --features met/db.h5 --out met/codebook.npz",
+        _configure_codebook, _run_codebook),
+    "index": Command(
+        "build or extend a binary ASMK inverted file",
+        "how-met index --features met/db.h5 --codebook met/codebook.npz --out met/index",
+        _configure_index, _run_index),
+    "query": Command(
+        "rank database images for query features or images",
+        "how-met query --index met/index --codebook met/codebook.npz --features met/queries.h5 "
+        "--out met/ranks.h5",
+        _configure_query, _run_query),
+}

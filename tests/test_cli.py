@@ -53,6 +53,44 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "bad.h5" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["query", "--index", "i", "--codebook", "c", "--features", "f", "--out", "o", "-k", "-1"],
+     "argument -k: expected an integer >= 1, got -1"),  # was "negative dimensions are not allowed"
+    (["index", "--features", "f", "--codebook", "c", "--out", "o", "--batch-size", "0"],
+     "argument --batch-size: expected an integer >= 1, got 0"),  # was "range() arg 3 must not be zero"
+    (["codebook", "--features", "f", "--size", "0"], "argument --size: expected an integer >= 1, got 0"),
+    (["evaluate", "--data", "d", "--work", "w", "--cv", "1"], "argument --cv: expected an integer >= 2, got 1"),
+    (["extract", "--images", "d", "-o", "o", "--workers", "x"], "argument --workers: expected an integer, got 'x'"),
+])
+def test_counts_out_of_range_are_refused_by_the_parser(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_codebook_size_zero_is_refused_not_taken_as_the_default(tmp_path):
+    from how_met.asmk.codebook import train_codebook
+    with pytest.raises(ValueError, match="size must be >= 1, got 0"):
+        train_codebook(tmp_path / "never-opened.h5", size=0)
+
+
+def test_extract_names_the_missing_images_and_skip_missing_goes_on(tmp_path, museum_dir, capsys):
+    db = json.loads((museum_dir / "database.json").read_text())[:3]
+    for entry in db[1:]:
+        target = tmp_path / "images" / entry["path"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(museum_dir / "images" / entry["path"], target)
+    (tmp_path / "database.json").write_text(json.dumps(db))
+    (tmp_path / "queries.json").write_text("[]")
+    argv = ["extract", "--data", str(tmp_path), "--split", "database", "-o", str(tmp_path / "f.h5"), *FAST]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert db[0]["path"] in err and "--skip-missing" in err and not (tmp_path / "f.h5").exists()
+    assert main([*argv, "--skip-missing"]) == 0
+    with FeatureStore(tmp_path / "f.h5") as store:
+        assert store.keys() == sorted(e["path"] for e in db[1:])
+
+
 def test_commands_without_a_network_do_not_load_torch(tmp_path):
     """Building the parser, and running `how-met index`, import neither torch nor the
     extractor: each command imports only the stages it runs."""

@@ -433,23 +433,29 @@ def train_codebook(features, size: Optional[int] = None, recipe: Optional[str] =
     saved path)."""
     from ..features.store import FeatureStore
 
-    settings = dict(CODEBOOK_RECIPES[recipe]) if recipe else {}
-    size = size or settings.get("size")
-    training = {"iterations": iterations or settings.get("iterations", 10),
+    given = {"size": size, "iterations": iterations, "max_descriptors": max_descriptors,
+             "max_images": max_images, "points_per_centroid": points_per_centroid}
+    for name, value in given.items():  # 0 used to mean "the default" silently
+        if value is not None and value < 1:
+            raise ValueError(f"codebook: {name} must be >= 1, got {value}")
+    recipe_settings = dict(CODEBOOK_RECIPES[recipe]) if recipe else {}
+    settings = {**recipe_settings, **{name: value for name, value in given.items() if value is not None}}
+    size = settings.get("size")
+    training = {"iterations": settings.get("iterations", 10),
                 "seed": seed if seed is not None else settings.get("seed", 0),
-                "max_descriptors": max_descriptors or settings.get("max_descriptors", DEFAULT_MAX_DESCRIPTORS),
-                "points_per_centroid": points_per_centroid or settings.get("points_per_centroid")}
+                "max_descriptors": settings.get("max_descriptors", DEFAULT_MAX_DESCRIPTORS),
+                "points_per_centroid": settings.get("points_per_centroid")}
     features = Path(features)
     with FeatureStore(features, "r") as store:
         keys = store.keys()
-        if max_images and max_images < len(keys):
+        if max_images is not None and max_images < len(keys):
             rng = np.random.default_rng(training["seed"])
             keys = sorted(rng.choice(keys, max_images, replace=False).tolist())
         size = size or codebook_size_for(store, keys)
         codebook = Codebook(size=size, method=method, **training)
         codebook.train(store, keys=keys)
     if recipe:
-        codebook.meta["recipe"] = {"name": recipe, **settings}
+        codebook.meta["recipe"] = {"name": recipe, **recipe_settings}
     name = recipe or f"{features.stem}-{size}"
     saved = codebook.save(out or CODEBOOK_DIR / f"{name}.npz")
     return codebook, saved

@@ -12,6 +12,8 @@ from ..utils import progress
 
 
 def iter_batches(items: Sequence, size: int):
+    if size < 1:
+        raise ValueError(f"batch size must be >= 1, got {size}")
     for start in range(0, len(items), size):
         yield items[start:start + size]
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..features import settings as feature_settings
 from ..pipeline import settings as pipeline_settings
-from .options import Command, add_extractor_options, extraction_config
+from .options import NON_NEGATIVE, POSITIVE, Command, add_extractor_options, at_least, extraction_config
 
 
 def _configure_evaluate(p: argparse.ArgumentParser) -> None:
@@ -16,24 +16,24 @@ def _configure_evaluate(p: argparse.ArgumentParser) -> None:
     src.add_argument("--met", type=Path, help="root of the official Met dataset")
     p.add_argument("--mini", action="store_true", help="with --met: the mini database")
     p.add_argument("--work", type=Path, required=True, help="work directory (created; resumed if it exists)")
-    p.add_argument("--cv", type=int, help="k-fold cross-tuning (default 2 when there is no val/test split)")
+    p.add_argument("--cv", type=at_least(2), help="k-fold cross-tuning (default 2 when there is no val/test split)")
     p.add_argument("--quick", action="store_true", help="small, fast settings (smoke tests)")
     add_extractor_options(p, config_default=None)
     p.add_argument("--codebook",
                    help="codebook file trained separately (how-met codebook); default: train on the database")
-    p.add_argument("--codebook-size", type=int,
+    p.add_argument("--codebook-size", type=POSITIVE,
                    help="visual words of a codebook trained on the database (default: ~200 descriptors per word)")
     p.add_argument("--unsupervised", default="auto",
                    choices=["auto", "database"] + sorted(feature_settings.SHIPPED_MODELS),
                    help="where the whitening and codebook come from: auto = the shipped ones for a "
                         "database smaller than their training corpus, else learned from the database")
-    p.add_argument("--seed", type=int, help="codebook and fold-split seed (default: the config's, else 0)")
-    p.add_argument("--global-dims", type=int, help="PCA-whitened global descriptor dims")
+    p.add_argument("--seed", type=NON_NEGATIVE, help="codebook and fold-split seed (default: the config's, else 0)")
+    p.add_argument("--global-dims", type=POSITIVE, help="PCA-whitened global descriptor dims")
     p.add_argument("--methods", help=f"comma-separated subset of {','.join(pipeline_settings.METHODS)}")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (logged)")
     p.add_argument("--skip-missing", action="store_true", help="skip images listed but not on disk")
     p.add_argument("--report", action="store_true", help="also write the HTML report")
-    p.add_argument("--repeats", type=int, default=1,
+    p.add_argument("--repeats", type=POSITIVE, default=1,
                    help="rerun the chance-dependent stages (codebook seed, fold split) this many times "
                         "on the same features and report mean +- std")
     p.add_argument("--target-precision", type=float,
@@ -90,7 +90,7 @@ def _configure_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help=f"a smaller museum ({quick['n_exhibits']} exhibits, "
                         f"{quick['n_queries'] + quick['n_distractors']} queries) and lighter settings, for tests")
-    p.add_argument("--seed", type=int, default=0, help="seed of the demo museum")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the demo museum")
 
 
 def _run_demo(args) -> int:
@@ -103,7 +103,7 @@ def _configure_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("results_dir", type=Path, metavar="RESULTS_DIR",
                    help="an evaluation work directory (holds results.json, predictions/)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default: RESULTS_DIR/report)")
-    p.add_argument("--queries", type=int, default=pipeline_settings.DEFAULT_QUERIES_SHOWN, metavar="N",
+    p.add_argument("--queries", type=NON_NEGATIVE, default=pipeline_settings.DEFAULT_QUERIES_SHOWN, metavar="N",
                    help="show at most N queries")
 
 

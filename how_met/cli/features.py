@@ -7,8 +7,8 @@ from pathlib import Path
 
 from ..features import settings as feature_settings
 from ..utils import configure_threads
-from .options import (Command, add_input_options, add_model_options, extraction_config, inputs,
-                      model_from_args, shard)
+from .options import (POSITIVE, Command, add_input_options, add_model_options, extraction_config,
+                      inputs, model_from_args, shard)
 
 
 def _configure_extract(p: argparse.ArgumentParser) -> None:
@@ -60,7 +60,7 @@ def _configure_whiten(p: argparse.ArgumentParser) -> None:
     add_input_options(p)
     add_model_options(p)
     p.add_argument("--out", type=Path, required=True, help="model file to write (use with --checkpoint)")
-    p.add_argument("--num-images", type=int, default=feature_settings.WHITEN_IMAGES,
+    p.add_argument("--num-images", type=POSITIVE, default=feature_settings.WHITEN_IMAGES,
                    help="database images to learn the whitening from")
 
 

@@ -27,6 +27,23 @@ def floats(text: str) -> List[float]:
     return values
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum`` (counts, sizes; 0 or -1 used to slip through
+    to a traceback deep inside numpy or to mean "the default" silently)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = at_least(1), at_least(0)
+
+
 def shard(text: Optional[str]) -> Optional[Tuple[int, int]]:
     if not text:
         return None
@@ -61,8 +78,8 @@ def add_extractor_options(p: argparse.ArgumentParser, config_default=feature_set
                    help=f"override the config's backbone: {', '.join(feature_settings.BACKBONES)}")
     p.add_argument("--layer", help="trunk layer for local features (e.g. blocks.11.expand, head)")
     p.add_argument("--scales", type=floats, help="comma-separated scales, e.g. 1,0.707,0.5")
-    p.add_argument("--features-num", type=int, help="local features kept per image")
-    p.add_argument("--image-size", type=int, help="shrink images so the longer side is <= this")
+    p.add_argument("--features-num", type=POSITIVE, help="local features kept per image")
+    p.add_argument("--image-size", type=POSITIVE, help="shrink images so the longer side is <= this")
     p.add_argument("--resize-rule", choices=feature_settings.RESIZE_RULES,
                    help="per-scale input size: floor(side * scale) (official HOW) or round")
     p.add_argument("--image-loading", choices=feature_settings.IMAGE_LOADING,
@@ -72,8 +89,8 @@ def add_extractor_options(p: argparse.ArgumentParser, config_default=feature_set
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     add_extractor_options(p)
-    p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (same size only)")
-    p.add_argument("--workers", type=int, help="image decoding processes (default: 0 on <= 2 free cores)")
+    p.add_argument("--batch-size", type=POSITIVE, default=1, help="images per forward pass (same size only)")
+    p.add_argument("--workers", type=NON_NEGATIVE, help="image decoding processes (default: 0 on <= 2 free cores)")
 
 
 def extraction_config(args, base: Optional[dict] = None) -> dict:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import List, Tuple
 
 from ..utils import configure_threads
-from .options import Command, add_extractor_options, extraction_config
+from .options import POSITIVE, Command, add_extractor_options, extraction_config
 
 
 def _collection(args) -> Tuple[Path, List[str], list]:
@@ -33,7 +33,7 @@ def _configure_recogniser(p: argparse.ArgumentParser) -> None:
     _add_collection_options(p)
     p.add_argument("--out", type=Path, required=True, help="recogniser directory to write")
     add_extractor_options(p)
-    p.add_argument("--codebook-size", type=int, help="visual words (default: ~200 descriptors per word)")
+    p.add_argument("--codebook-size", type=POSITIVE, help="visual words (default: ~200 descriptors per word)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (logged)")
 
 

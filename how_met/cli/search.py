@@ -8,23 +8,23 @@ from pathlib import Path
 from ..asmk import settings as asmk_settings
 from ..features import settings as feature_settings
 from ..utils import configure_threads
-from .options import Command, add_model_options, extraction_config
+from .options import NON_NEGATIVE, POSITIVE, Command, add_model_options, extraction_config
 
 
 def _configure_codebook(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", type=Path, required=True, help="HDF5 feature store to train on")
-    p.add_argument("--size", type=int, help="number of visual words (default: the recipe's, else sized "
+    p.add_argument("--size", type=POSITIVE, help="number of visual words (default: the recipe's, else sized "
                                             "like evaluate does: ~200 descriptors per word, 1k to 64k)")
     p.add_argument("--recipe", choices=sorted(asmk_settings.CODEBOOK_RECIPES),
                    help="named recipe (sets size, iterations, seed, max descriptors and the file name)")
     p.add_argument("--out", type=Path, help="codebook file (.npz); default codebooks/<name>.npz")
-    p.add_argument("--iterations", type=int, help="k-means iterations (default: the recipe's, else 10)")
-    p.add_argument("--seed", type=int, help="random seed (default: the recipe's, else 0)")
-    p.add_argument("--max-descriptors", type=int,
+    p.add_argument("--iterations", type=POSITIVE, help="k-means iterations (default: the recipe's, else 10)")
+    p.add_argument("--seed", type=NON_NEGATIVE, help="random seed (default: the recipe's, else 0)")
+    p.add_argument("--max-descriptors", type=POSITIVE,
                    help=f"training descriptors, same quota per image (default: the recipe's, else "
                         f"{asmk_settings.DEFAULT_MAX_DESCRIPTORS:,})")
-    p.add_argument("--max-images", type=int, help="train on at most this many images (random)")
-    p.add_argument("--points-per-centroid", type=int,
+    p.add_argument("--max-images", type=POSITIVE, help="train on at most this many images (random)")
+    p.add_argument("--points-per-centroid", type=POSITIVE,
                    help=f"faiss k-means' cap on training points per word (official HOW: "
                         f"{asmk_settings.OFFICIAL_POINTS_PER_CENTROID}; default: the recipe's, else none)")
     p.add_argument("--method", choices=asmk_settings.SEARCH_METHODS, default="auto",
@@ -55,7 +55,7 @@ def _configure_index(p: argparse.ArgumentParser) -> None:
     p.add_argument("--idf", action="store_true", help="idf-weighted scores (off by default, as in SPEC)")
     p.add_argument("--float", dest="binary", action="store_false",
                    help="non-binary ASMK: L2-normalised float residuals (128 x 4 bytes each)")
-    p.add_argument("--batch-size", type=int, default=64, help="images quantised together")
+    p.add_argument("--batch-size", type=POSITIVE, default=64, help="images quantised together")
 
 
 def _run_index(args) -> int:
@@ -79,13 +79,13 @@ def _configure_query(p: argparse.ArgumentParser) -> None:
     src.add_argument("--images", type=Path,
                      help="query images: a folder, or a list (.json Met-style or .txt, one path a line)")
     p.add_argument("--out", type=Path, required=True, help="results file (.h5 or .json)")
-    p.add_argument("-k", type=int, default=asmk_settings.DEFAULT_K, help="neighbours per query")
-    p.add_argument("--multiple-assignment", type=int, default=asmk_settings.DEFAULT_MULTIPLE_ASSIGNMENT,
+    p.add_argument("-k", type=POSITIVE, default=asmk_settings.DEFAULT_K, help="neighbours per query")
+    p.add_argument("--multiple-assignment", type=POSITIVE, default=asmk_settings.DEFAULT_MULTIPLE_ASSIGNMENT,
                    help="visual words per query descriptor")
     p.add_argument("--alpha", type=float, help="selective-kernel exponent (default: the index's, 3)")
     p.add_argument("--tau", type=float, help="selective-kernel threshold (default: the index's, 0)")
     p.add_argument("--idf", dest="use_idf", action="store_true", default=None, help="idf-weighted scores")
-    p.add_argument("--query-batch", type=int, default=32, help="query images searched together")
+    p.add_argument("--query-batch", type=POSITIVE, default=32, help="query images searched together")
     p.add_argument("--image-root", type=Path, help="with --images LIST: folder the listed paths are relative to")
     p.add_argument("--save-features", type=Path, help="with --images: keep the extracted query features here")
     p.add_argument("--rerank", action="store_true",

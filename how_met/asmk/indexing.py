@@ -1,11 +1,18 @@
-"""Building an inverted file from a feature store (streamed in batches)."""
+"""Building an inverted file: from a feature store (``build_index``, streamed in batches), or
+for a large database from compact per-image records (``how_met.asmk.records``) streamed from
+stores or straight from the images (``records_from_stores``, ``records_from_images``), then
+assembled on disk (``index_from_records``)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional, Sequence
+
+import numpy as np
 
 from ..features.settings import check_extractor, check_model
 from ..features.store import FeatureStore
 from .aggregation import quantise_and_aggregate
+from .codes import code_words
 from .codebook import load_codebook
 from .inverted_file import InvertedFile, load_index
 from ..utils import progress
@@ -58,3 +65,157 @@ def build_index(features_path, codebook, extend=None, batch_size: int = 64, use_
             bar.update(len(batch))
         bar.close()
     return ivf
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming: features -> compact records -> inverted file assembled on disk
+# ---------------------------------------------------------------------------------------------
+
+
+def _append_records(records, codebook, items, batch_size: int, bar) -> int:
+    """Quantise (1 assignment) and aggregate (key, LocalFeatures) items a batch at a time, as
+    ``build_index`` does, and append each image's record. Returns the number written."""
+    written = 0
+    batch: list = []
+
+    def flush_batch():
+        descs = [np.asarray(feats.descriptors, np.float32) for _, feats in batch]
+        for (key, _), d in zip(batch, descs):
+            if d.ndim != 2 or (len(d) and d.shape[1] != codebook.dim):
+                raise ValueError(f"descriptors of {key!r} are {d.shape}, the codebook's dimension is "
+                                 f"{codebook.dim}")
+        words, aggregated = quantise_and_aggregate(codebook, descs, 1, True)
+        firsts = np.cumsum([0] + [len(d) for d in descs])
+        bounds = np.searchsorted(aggregated.images, np.arange(len(batch) + 1))
+        for i, (key, feats) in enumerate(batch):
+            a, b = bounds[i], bounds[i + 1]
+            records.write(key, feats, words[firsts[i]:firsts[i + 1], 0], aggregated.words[a:b],
+                          aggregated.vectors[a:b])
+        bar.update(len(batch))
+        batch.clear()
+
+    for key, feats in items:
+        batch.append((key, feats))
+        if len(batch) >= batch_size:
+            written += len(batch)
+            flush_batch()
+            records.flush()
+    if batch:
+        written += len(batch)
+        flush_batch()
+    return written
+
+
+def _open_records(records_path, codebook, descriptors: str, extractor: dict, model_fingerprint, source):
+    from .records import RecordStore, records_settings
+    codebook_name = codebook.path or "the codebook"
+    check_extractor(extractor, codebook.meta.get("extractor") or {}, source, codebook_name)
+    check_model(model_fingerprint, codebook.model_fingerprint, source, codebook_name)
+    settings = records_settings(codebook, descriptors, extractor, model_fingerprint or codebook.model_fingerprint)
+    return RecordStore(records_path, "a", settings)
+
+
+def records_from_stores(stores: Sequence, codebook, records_path, descriptors: str = "int8",
+                        batch_size: int = 64, show_progress: bool = True) -> dict:
+    """Append the compact record (``how_met.asmk.records``) of every image of one or several
+    feature stores (e.g. the shards of an extraction, as they are finished) that the records
+    file does not hold yet. Memory: one batch. Returns {"written", "skipped"}."""
+    codebook = load_codebook(codebook)
+    opened = [FeatureStore(path, "r") for path in stores]
+    try:
+        first = opened[0]
+        for store in opened[1:]:
+            if store.config != first.config or store.model_fingerprint != first.model_fingerprint:
+                raise ValueError(f"{store.path}: extractor or model differs from {first.path}'s")
+        with _open_records(records_path, codebook, descriptors, first.config, first.model_fingerprint,
+                           first.path) as records:
+            todo, seen = [], set(records.keys())  # a key of several shards is taken once
+            for store in opened:
+                todo.extend((store, key) for key in store.keys() if key not in seen)
+                seen.update(store.keys())
+            skipped = sum(len(store) for store in opened) - len(todo)
+            bar = progress(total=len(todo), desc="records", unit="img", disable=None if show_progress else True)
+            items = ((key, store.read(key, with_global=False)) for store, key in todo)
+            written = _append_records(records, codebook, items, batch_size, bar)
+            bar.close()
+    finally:
+        for store in opened:
+            store.close()
+    return {"written": written, "skipped": skipped}
+
+
+def records_from_images(image_root, keys: Sequence[str], like, codebook, records_path,
+                        descriptors: str = "int8", batch_size: int = 64, device: str = "cpu",
+                        workers: Optional[int] = None, skip_bad: bool = False) -> dict:
+    """Extract the images ``keys`` with the model and settings of the feature store ``like``
+    (the sample the codebook was trained on) and stream them straight into the records file:
+    no raw descriptors are written. Images the records file holds are skipped (resume after a
+    crash). Returns {"written", "skipped"}."""
+    from ..features.extract import iter_features
+    codebook = load_codebook(codebook)
+    with FeatureStore(like, "r") as sample:
+        extractor, fingerprint = sample.config, sample.model_fingerprint
+    with _open_records(records_path, codebook, descriptors, extractor, fingerprint, like) as records:
+        keys = sorted(dict.fromkeys(keys))
+        todo = [k for k in keys if k not in records]
+        bar = progress(total=len(todo), desc="records", unit="img", disable=True)  # extraction shows one
+        items = iter_features(image_root, todo, like, device=device, workers=workers, skip_bad=skip_bad)
+        written = _append_records(records, codebook, items, batch_size, bar)
+    return {"written": written, "skipped": len(keys) - len(todo)}
+
+
+def index_from_records(records_path, out, use_idf: bool = False, keys: Optional[Sequence[str]] = None,
+                       show_progress: bool = True) -> InvertedFile:
+    """Assemble the binary inverted file of the images in a records file (default all, in key
+    order: the same arrays as ``build_index`` over a store of those images) and save it to the
+    directory ``out``. Two passes over the records (count the postings of every word, then
+    copy each image's codes to its words' places in memory-mapped arrays on disk): memory is
+    the per-word offsets and a few bytes per image, whatever the size of the postings. Returns
+    the saved index (memory-mapped)."""
+    import shutil
+    import tempfile
+
+    from numpy.lib.format import open_memmap
+
+    from .records import RecordStore
+    out = Path(out)
+    if out.suffix.lower() in (".h5", ".hdf5"):
+        raise ValueError(f"{out}: an index assembled from records is a directory (give a path without .h5)")
+    with RecordStore(records_path, "r") as records:
+        settings = records.settings
+        keys = records.keys() if keys is None else sorted(dict.fromkeys(keys))
+        missing = [k for k in keys if k not in records]
+        if missing:
+            raise KeyError(f"{records_path}: no record of {missing[0]!r} ({len(missing)} missing)")
+        n_words, hide = int(settings["n_words"]), None if show_progress else True
+        counts = np.zeros(n_words, np.int64)
+        n_vectors = np.zeros(len(keys), np.uint32)
+        for i, key in enumerate(progress(keys, desc="index: count", unit="img", disable=hide)):
+            words, _ = records.read_words(key)
+            counts[words] += 1  # an image's words are unique
+            n_vectors[i] = len(words)
+        offsets = np.zeros(n_words + 1, np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".postings", dir=out.parent))
+        try:
+            width = code_words(int(settings["dim"]))
+            vectors = open_memmap(scratch / "vectors.npy", "w+", np.uint64, (int(offsets[-1]), width))
+            image_ids = open_memmap(scratch / "image_ids.npy", "w+", np.uint32, (int(offsets[-1]),))
+            cursor = offsets[:-1].copy()
+            for i, key in enumerate(progress(keys, desc="index: fill", unit="img", disable=hide)):
+                words, codes = records.read_words(key)
+                places = cursor[words]
+                vectors[places] = codes
+                image_ids[places] = i
+                cursor[words] += 1
+            ivf = InvertedFile.from_postings(keys, offsets, vectors, image_ids, n_vectors,
+                                             dim=int(settings["dim"]), binary=True, use_idf=use_idf,
+                                             codebook_fingerprint=settings["codebook_fingerprint"],
+                                             extractor=settings["extractor"],
+                                             model_fingerprint=settings["model_fingerprint"])
+            ivf.save(out)
+            del vectors, image_ids, ivf
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return InvertedFile.load(out)

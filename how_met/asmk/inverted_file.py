@@ -382,6 +382,20 @@ class InvertedFile:
         ivf.path = path
         return ivf
 
+    @classmethod
+    def from_postings(cls, keys: Sequence[str], offsets: np.ndarray, vectors: np.ndarray,
+                      image_ids: np.ndarray, n_vectors: np.ndarray, **settings) -> "InvertedFile":
+        """An index over postings already in the consolidated layout (module docstring), e.g.
+        memory-mapped arrays that ``how_met.asmk.indexing.index_from_records`` filled on disk;
+        ``settings``: the constructor's (dim, binary, use_idf, fingerprints, ...)."""
+        ivf = cls(len(offsets) - 1, **settings)
+        ivf._offsets, ivf._vectors, ivf._image_ids = offsets, vectors, image_ids
+        ivf._n_vectors = np.asarray(n_vectors, np.uint32)
+        ivf._alive = np.ones(len(keys), bool)
+        ivf._keys = list(keys)
+        ivf._position = {k: i for i, k in enumerate(ivf._keys)}
+        return ivf
+
     def check_codebook(self, codebook) -> None:
         """Refuse a codebook other than the one this index was built with, or one trained on
         descriptors of another model."""

@@ -56,16 +56,19 @@ def shard(text: Optional[str]) -> Optional[Tuple[int, int]]:
     return i, n
 
 
-def add_input_options(p: argparse.ArgumentParser) -> None:
+def add_input_options(p: argparse.ArgumentParser, split_default: str = "all"):
+    """--images / --data / --met (+ --mini, --split, --skip-missing); returns the group of the
+    three sources, to which a command may add one of its own."""
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", type=Path, help="folder of images (recursive)")
     src.add_argument("--data", type=Path, help="Met-format directory (database.json, queries.json, images/)")
     src.add_argument("--met", type=Path, help="root of the official Met dataset")
     p.add_argument("--mini", action="store_true", help="with --met: the mini database")
-    p.add_argument("--split", choices=["database", "queries", "all"], default="all",
+    p.add_argument("--split", choices=["database", "queries", "all"], default=split_default,
                    help="with --data/--met: which images")
     p.add_argument("--skip-missing", action="store_true",
                    help="with --data/--met: skip listed images that are not on disk")
+    return src
 
 
 def add_extractor_options(p: argparse.ArgumentParser, config_default=feature_settings.DEFAULT_CONFIG) -> None:

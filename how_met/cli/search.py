@@ -8,7 +8,8 @@ from pathlib import Path
 from ..asmk import settings as asmk_settings
 from ..features import settings as feature_settings
 from ..utils import configure_threads
-from .options import NON_NEGATIVE, POSITIVE, Command, add_model_options, extraction_config
+from .options import (NON_NEGATIVE, POSITIVE, Command, add_input_options, add_model_options, extraction_config,
+                      inputs)
 
 
 def _configure_codebook(p: argparse.ArgumentParser) -> None:
@@ -46,7 +47,9 @@ def _run_codebook(args) -> int:
 
 
 def _configure_index(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--features", type=Path, required=True, help="feature store of the database images")
+    src = add_input_options(p, split_default="database")
+    src.add_argument("--features", type=Path, nargs="+",
+                     help="feature store of the database images (several: shards, with --records)")
     p.add_argument("--codebook", type=Path, required=True, help="codebook (.npz)")
     p.add_argument("--out", type=Path, required=True,
                    help="index to write: a directory, or one HDF5 file if it ends in .h5")
@@ -56,18 +59,64 @@ def _configure_index(p: argparse.ArgumentParser) -> None:
     p.add_argument("--float", dest="binary", action="store_false",
                    help="non-binary ASMK: L2-normalised float residuals (128 x 4 bytes each)")
     p.add_argument("--batch-size", type=POSITIVE, default=64, help="images quantised together")
+    streaming = p.add_argument_group("streaming a large database (README \"Met at full scale\")")
+    streaming.add_argument("--records", type=Path,
+                           help="compact per-image records file to stream the images (or stores) into, "
+                                "resumed if it exists; the index is then assembled from it on disk")
+    streaming.add_argument("--record-descriptors", choices=("int8", "full", "none"), default="int8",
+                           help="descriptors kept for spatial verification: int8 unit vectors, full "
+                                "(the store's exact values), none (ASMK rerank only)")
+    streaming.add_argument("--like", type=Path, metavar="STORE",
+                           help="with --images/--data/--met: extract with the model and settings of "
+                                "this store (the sample the codebook was trained on)")
+    streaming.add_argument("--skip-bad", action="store_true", help="log unreadable images and go on")
+    streaming.add_argument("--device", default="cpu", help="cpu or cuda")
+    streaming.add_argument("--workers", type=NON_NEGATIVE, help="image decoding processes (default: 0 on <= 2 free cores)")
 
 
 def _run_index(args) -> int:
-    from ..asmk.indexing import build_index
     configure_threads()
-    ivf = build_index(args.features, args.codebook, extend=args.out if args.append and args.out.exists() else None,
+    if args.records is not None:
+        return _run_streaming_index(args)
+    from ..asmk.indexing import build_index
+    if args.features is None or len(args.features) != 1:
+        raise ValueError("--images/--data/--met or several --features stores stream into --records; "
+                         "without it give one --features store")
+    ivf = build_index(args.features[0], args.codebook,
+                      extend=args.out if args.append and args.out.exists() else None,
                       batch_size=args.batch_size, use_idf=args.idf, binary=args.binary)
     ivf.save(args.out)
+    print(json.dumps(_index_summary(args.out, ivf)))
+    return 0
+
+
+def _index_summary(out: Path, ivf) -> dict:
     stats = ivf.stats()
-    print(json.dumps({"index": str(args.out), "images": stats["images"], "postings": stats["postings"],
-                      "bytes_per_vector": round(stats["bytes"]["per_vector"], 2),
-                      "bytes_per_image": round(stats["bytes"]["per_image_total"], 1)}))
+    return {"index": str(out), "images": stats["images"], "postings": stats["postings"],
+            "bytes_per_vector": round(stats["bytes"]["per_vector"], 2),
+            "bytes_per_image": round(stats["bytes"]["per_image_total"], 1)}
+
+
+def _run_streaming_index(args) -> int:
+    from ..asmk.indexing import index_from_records, records_from_images, records_from_stores
+    if args.append or not args.binary:
+        raise ValueError("--records: the binary index is assembled from every record (no --append, no --float)")
+    if args.features is not None:
+        stats = records_from_stores(args.features, args.codebook, args.records,
+                                    descriptors=args.record_descriptors, batch_size=args.batch_size)
+    else:
+        if args.like is None:
+            raise ValueError("--images/--data/--met: give --like STORE, the features the codebook was "
+                             "trained on (their model extracts the images)")
+        image_root, keys, _ = inputs(args)
+        stats = records_from_images(image_root, keys, args.like, args.codebook, args.records,
+                                    descriptors=args.record_descriptors, batch_size=args.batch_size,
+                                    device=args.device, workers=args.workers, skip_bad=args.skip_bad)
+    ivf = index_from_records(args.records, args.out, use_idf=args.idf)
+    summary = _index_summary(args.out, ivf)
+    summary.update(records=str(args.records), records_written=stats["written"],
+                   record_bytes_per_image=round(args.records.stat().st_size / max(len(ivf), 1), 1))
+    print(json.dumps(summary))
     return 0
 
 
@@ -90,7 +139,8 @@ def _configure_query(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-features", type=Path, help="with --images: keep the extracted query features here")
     p.add_argument("--rerank", action="store_true",
                    help="rerank each query's top-k with spatial verification (needs --db-features)")
-    p.add_argument("--db-features", type=Path, help="with --rerank: the database feature store")
+    p.add_argument("--db-features", type=Path,
+                   help="with --rerank: the database feature store, or its records (how-met index --records)")
     add_model_options(p)
 
 
@@ -118,7 +168,9 @@ COMMANDS = {
         _configure_codebook, _run_codebook),
     "index": Command(
         "build or extend a binary ASMK inverted file",
-        "how-met index --features met/db.h5 --codebook met/codebook.npz --out met/index",
+        "how-met index --features met/db.h5 --codebook met/codebook.npz --out met/index\n"
+        "how-met index --met ~/met --like met/sample.h5 --codebook met/codebook.npz "
+        "--records met/db.records --out met/index",
         _configure_index, _run_index),
     "query": Command(
         "rank database images for query features or images",

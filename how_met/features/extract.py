@@ -357,6 +357,24 @@ def extract_to_store(image_root, keys: Sequence[str], out, config=None,
     return stats
 
 
+def iter_features(image_root, keys: Sequence[str], like, device: str = "cpu", batch_size: int = 1,
+                  workers: Optional[int] = None, skip_bad: bool = False, autocast: bool = False):
+    """Yield (key, LocalFeatures) for ``keys`` (paths relative to ``image_root``), extracted with
+    the model and settings of the feature store ``like`` exactly as ``extract_to_store(...,
+    like=like)`` computes them, without writing a store: what streams a large database
+    straight into its index (``how_met.asmk.indexing.records_from_images``)."""
+    image_root = Path(image_root)
+    if not image_root.is_dir():
+        raise FileNotFoundError(f"{image_root}: image root is not a directory")
+    model, config, _ = model_of_store(like, device)
+    config = check_extraction_config(resolve_config(config))
+    configure_threads()
+    workers = default_workers() if workers is None else workers
+    runner = inference_copy(model.to(device).eval())
+    yield from _extract_batches(runner, image_root, list(keys), config, batch_size, workers, skip_bad,
+                                reduce=True, autocast=autocast)
+
+
 def _extraction_model(store: FeatureStore, config, model: Optional[HOWNet], like, device: str
                       ) -> Tuple[HOWNet, dict, Optional[Path]]:
     """(model, config, its file or None) an extraction into ``store`` (open for writing) runs

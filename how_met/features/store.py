@@ -151,12 +151,16 @@ class _Journal:
     """Append-only record file. A record is a frame (magic, lengths, header checksum), a JSON
     header (type, key, attributes, array dtypes and shapes, payload checksum) and the arrays' raw
     bytes, appended with one write and handed to the OS at once: a killed process loses at most
-    the record being written, which replay detects (short, or failing a checksum) and cuts off."""
+    the record being written, which replay detects (short, or failing a checksum) and cuts off.
 
-    def __init__(self, path: Path):
+    repair=False (a reader): a torn last record is ignored, not cut off the file (its writer
+    may still be running). Also the file format of ``how_met.asmk.records``."""
+
+    def __init__(self, path: Path, repair: bool = True):
         self.path = path
         self.images: Dict[str, Tuple[int, dict]] = {}  # key -> (payload offset, header)
         self.attrs: dict = {}
+        self.repair = repair
         self._writer = None
         self._reader = None
         if path.exists():
@@ -193,7 +197,7 @@ class _Journal:
                 self.attrs.update(header["attrs"])
             else:
                 self.images[str(header["key"])] = (offset, header)
-        if start < size:
+        if start < size and self.repair:
             logger.warning("%s: cut off the unfinished last record (%d bytes) of an interrupted write",
                            self.path, size - start)
             with open(self.path, "r+b") as fh:

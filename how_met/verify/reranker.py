@@ -52,8 +52,9 @@ from ..asmk.aggregation import quantise_and_aggregate
 from ..asmk.codebook import load_codebook
 from ..asmk.codes import DEFAULT_ALPHA, DEFAULT_TAU, hamming, kernel_table
 from ..asmk.inverted_file import load_index
+from ..asmk.records import ImageRecord, RecordStore, open_database_features
 from ..features.settings import check_model
-from ..features.store import LocalFeatures, open_store
+from ..features.store import LocalFeatures
 from ..utils import l2_normalise
 from .geometry import MODELS, RansacResult, ransac
 from .matching import mutual_nearest_neighbours, scale_consistent, shared_word_matches
@@ -138,7 +139,11 @@ class _ImageData:
 class Reranker:
     """Score a query against a shortlist of database images with local features.
 
-    store: FeatureStore (or its path) holding the database images' local features.
+    store: FeatureStore, or RecordStore of compact records (``how_met.asmk.records``), or the
+      path of either, holding the database images' local features. Records give the same
+      scores as the store they were made from ("full" descriptors; "int8": the same ASMK
+      scores, verification within quantisation noise; "none": ASMK scores only) and a
+      candidate costs one record read, without quantisation.
     codebook: the ``how_met.asmk.codebook.Codebook`` (or its path) the ASMK index was built with.
     stride: feature-map stride in pixels (default: the store's extractor config).
     multiple_assignment, alpha, tau: ASMK query assignment and selective kernel.
@@ -173,10 +178,14 @@ class Reranker:
                 idf = index.idf()
         if use_idf and idf is None:
             raise ValueError("use_idf needs the database's idf: pass index= (or idf=)")
-        self.store, self._owns_store = open_store(store)
+        self.store, self._owns_store = open_database_features(store)
         try:
             check_model(self.store.model_fingerprint, getattr(self.codebook, "model_fingerprint", None),
                         self.store.path, getattr(self.codebook, "path", None) or "the codebook")
+            if isinstance(self.store, RecordStore) and self.store.codebook_fingerprint != self.codebook.fingerprint:
+                raise ValueError(f"{self.store.path}: records were quantised with another codebook "
+                                 f"({self.store.codebook_fingerprint}) than "
+                                 f"{self.codebook.path or 'the codebook given'} ({self.codebook.fingerprint})")
         except ValueError:
             self.close()
             raise
@@ -222,13 +231,20 @@ class Reranker:
             raise ValueError(f"{name}: descriptors {desc.shape} do not match the codebook's "
                              f"dimension {self.centroids.shape[1]}")
         words, aggregated = quantise_and_aggregate(self.codebook, [desc], k)  # sorted by word
+        return self._image_data(feats, aggregated.words, aggregated.vectors, words.reshape(len(desc), -1))
+
+    def _image_data(self, feats: LocalFeatures, words: np.ndarray, codes: np.ndarray,
+                    feature_words: np.ndarray) -> _ImageData:
         zoom = np.asarray(feats.image_size, np.float64) / np.asarray(feats.input_size, np.float64)
         cells = self.stride / np.asarray(feats.scales, np.float64) * float(zoom.mean())
-        return _ImageData(words=aggregated.words, codes=aggregated.vectors,
+        return _ImageData(words=words, codes=codes,
                           keypoints=np.asarray(feats.keypoints(self.stride), np.float64),
                           cells=cells, diagonal=float(np.hypot(*feats.image_size)),
-                          unit_descriptors=l2_normalise(desc),
-                          feature_words=np.ascontiguousarray(words.reshape(len(desc), -1)))
+                          unit_descriptors=l2_normalise(feats.descriptors),
+                          feature_words=np.ascontiguousarray(feature_words))
+
+    def _from_record(self, record: ImageRecord) -> _ImageData:
+        return self._image_data(record.features, record.words, record.codes, record.feature_words)
 
     def prepare_query(self, query: LocalFeatures, name: str = "query") -> _ImageData:
         """Quantise (multiple assignment) and aggregate a query once for several rerank calls."""
@@ -242,8 +258,11 @@ class Reranker:
             self.cache_hits += 1
             return data
         self.cache_misses += 1
-        data = self._prepare(self.store.read(key, with_global=False), 1, f"{self.store.path}:{key}")
-        data.feature_words = np.ascontiguousarray(data.feature_words[:, 0])
+        if isinstance(self.store, RecordStore):
+            data = self._from_record(self.store.read(key))
+        else:
+            data = self._prepare(self.store.read(key, with_global=False), 1, f"{self.store.path}:{key}")
+            data.feature_words = np.ascontiguousarray(data.feature_words[:, 0])
         self._cache[key] = data
         self._cached_bytes += data.nbytes
         while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
@@ -305,6 +324,9 @@ class Reranker:
 
     def _verify(self, query: _ImageData, cand: _ImageData):
         p = self.spatial
+        if not cand.unit_descriptors.shape[1]:
+            raise ValueError(f"{self.store.path}: records without descriptors (--record-descriptors "
+                             f"none) give ASMK scores only; verification needs int8 or full records")
         q, d, _ = self.correspondences(query, cand)
         tentative = len(q)
         # Scale change implied by the two features: database cell over query cell.

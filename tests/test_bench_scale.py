@@ -1,0 +1,52 @@
+"""eval/bench_scale.py at a tiny size: every stage runs, planted matches are found, the JSON has
+the documented shape and the growth fit extrapolates (no timing assertions)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
+import bench_scale  # noqa: E402
+
+STAGES = {"codebook", "records", "index", "asmk_query", "global", "knn", "rerank"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench-scale")
+    paths = []
+    for images in (60, 90, 120):
+        path = tmp / f"{images}.json"
+        bench_scale.main(["--images", str(images), "--queries", "6", "--words", "128", "--descriptors", "200",
+                          "--train-points", "4000", "--codebook-iterations", "1", "--quantise-images", "2",
+                          "--rerank-queries", "2", "--shortlist", "10", "-k", "10", "--threads", "1",
+                          "--work", str(tmp / f"work-{images}"), "--json", str(path)])
+        paths.append(path)
+    return paths
+
+
+def test_every_stage_is_measured_and_planted_matches_rank_first(runs):
+    result = json.loads(runs[-1].read_text())
+    assert result["images"] == 120 and result["queries"] == 6
+    assert set(result["stages"]) == STAGES
+    for stage in result["stages"].values():
+        assert stage["seconds"] >= 0 and stage["peak_rss_gb"] > 0 and stage["disk_gb"] >= 0
+    assert result["stages"]["records"]["disk_gb"] > 0 and result["stages"]["index"]["disk_gb"] > 0
+    assert result["top1"] == 1.0 and result["global_top1"] == 1.0
+    rerank = result["rerank"]
+    assert rerank["most_inliers_is_planted"] == 1.0
+    assert 0 < rerank["records_read"] <= rerank["queries"] * rerank["shortlist"]  # the shortlists only
+    # 200 features on ~140 words, int8 descriptors: ~29 KB of arrays per image
+    assert 20_000 < result["record_bytes_per_image"] < 40_000
+
+
+def test_fit_extrapolates_to_the_met(runs, tmp_path, capsys):
+    bench_scale.main(["--fit", *map(str, runs), "--json", str(tmp_path / "fit.json")])
+    fit = json.loads((tmp_path / "fit.json").read_text())
+    assert fit["extrapolation"] is True and fit["images"] == 397_121 and fit["fitted_sizes"] == [60, 90, 120]
+    assert set(fit["stages"]) == STAGES
+    assert fit["stages"]["records"]["disk_gb"] > json.loads(runs[-1].read_text())["stages"]["records"]["disk_gb"]
+    assert "EXTRAPOLATION" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="three"):
+        bench_scale.fit(runs[:2])

@@ -48,8 +48,8 @@ from ..recognition.protocol import protocol_folds, tune_and_test
 from ..utils import configure_threads, library_versions, write_json
 from .evidence import stage_evidence
 from .settings import METHODS, merge_settings, unsupervised_source
-from .stages import (Timings, record_settings, aligned, dir_megabytes, stage_asmk_query, stage_codebook, stage_extract,
-                     stage_global, stage_index, stage_rerank)
+from .stages import (THREADED_STAGES, Timings, record_settings, aligned, dir_megabytes, stage_asmk_query,
+                     stage_codebook, stage_extract, stage_global, stage_index, stage_rerank)
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def _method_candidates(ds: Dataset, run: Path, features: Path, settings: dict, t
     if "global" in methods:
         lists["global"] = [({}, *global_list[0])]
     # the recogniser needs a codebook and an index whatever its method
-    codebook = stage_codebook(ds, run, features, settings)
+    codebook = stage_codebook(ds, run, features, settings, timings)
     index = stage_index(ds, run, features, codebook, timings)
     if "how-asmk" in methods or "fusion" in methods:
         asmk_neigh = stage_asmk_query(ds, run, features, codebook, index, settings, timings)
@@ -235,7 +235,9 @@ def run_evaluation(data_dir=None, work_dir="how-met-work", settings: Optional[di
                            "n_db": len(ds.db_keys), "n_queries": len(ds.query_keys),
                            "n_distractors": ds.n_distractors, "n_classes": ds.n_classes},
                "settings": settings, "protocol": protocol, "repeats": {"n": repeats, "seeds": seeds},
-               "environment": {"threads": {"extract": timings.get("extract_threads"), "other stages": threads},
+               "environment": {"threads": {"extract": timings.get("extract_threads"),
+                                           **{stage: timings.get(f"{stage}_threads", threads)
+                                              for stage in THREADED_STAGES}},
                                "versions": library_versions()},
                "methods": {}, "tuning": {}, "notes": {}}
     results["notes"]["unsupervised"] = unsupervised_source(settings, len(ds.db_keys)) or "database"

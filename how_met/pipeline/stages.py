@@ -16,7 +16,7 @@ from ..features.settings import shipped_path
 from ..features.shipped import apply_whitening
 from ..features.store import FeatureStore
 from ..neighbours import Neighbours
-from ..utils import atomic_path, configured_threads, write_json
+from ..utils import atomic_path, configure_threads, configured_threads, write_json
 from .settings import unsupervised_source
 
 # Settings whose change makes a stage's saved output stale: a work directory made with other
@@ -53,6 +53,18 @@ class Timings:
         return self.values.get(key, default)
 
 
+THREADED_STAGES = ("codebook", "index", "how-asmk", "global", "global+rerank")
+
+
+def stage_threads(timings: Timings, stage: str) -> int:
+    """Size the thread pools for a stage about to run, to the cores free now rather than once
+    per run: an evaluate started while the machine was busy trained its 16k-word codebook (30+
+    minutes) on one thread while the second core sat idle. Recorded as ``<stage>_threads``."""
+    threads = configure_threads()
+    timings.set(f"{stage}_threads", threads)
+    return threads
+
+
 # ---------------------------------------------------------------------------------------------
 # Stages
 # ---------------------------------------------------------------------------------------------
@@ -82,7 +94,7 @@ def stage_extract(ds: Dataset, work: Path, settings: dict, timings: Timings, dev
     return features
 
 
-def stage_codebook(ds: Dataset, work: Path, features: Path, settings: dict):
+def stage_codebook(ds: Dataset, work: Path, features: Path, settings: dict, timings: Timings):
     """The codebook file given in the settings (trained separately, as the published one was),
     else the shipped one when the whitening is shipped (unsupervised_source), else one trained
     on the database descriptors and kept in the work directory."""
@@ -97,6 +109,7 @@ def stage_codebook(ds: Dataset, work: Path, features: Path, settings: dict):
         codebook = Codebook.load(shipped_path(shipped, "codebook"))
         codebook.save(path)  # the run's codebook lives in the work directory (recogniser, report)
         return codebook
+    stage_threads(timings, "codebook")
     size = settings.get("codebook_size") or codebook_size_for(features, ds.db_keys)
     codebook = Codebook(size=size, iterations=settings["codebook_iterations"], seed=settings["seed"],
                         points_per_centroid=settings.get("codebook_points_per_centroid"))
@@ -110,6 +123,7 @@ def stage_index(ds: Dataset, work: Path, features: Path, codebook, timings: Timi
     from ..asmk.inverted_file import InvertedFile
     path = work / "index"
     if not path.exists():
+        stage_threads(timings, "index")
         started = time.perf_counter()
         build_index(features, codebook, keys=ds.db_keys).save(path)
         timings.set("index_build_s", time.perf_counter() - started)
@@ -128,6 +142,7 @@ def stage_asmk_query(ds: Dataset, work: Path, features: Path, codebook, index, s
     path = work / "neighbours" / "how-asmk.h5"
     if path.exists():
         return Neighbours.load(path)
+    stage_threads(timings, "how-asmk")
     # The first query compiles the numba kernels (tens of ms per image on a first run): timed
     # apart, so that the per-image time is what every later query costs.
     started = time.perf_counter()
@@ -148,6 +163,7 @@ def stage_global(ds: Dataset, work: Path, features: Path, settings: dict, timing
     path = work / "neighbours" / "global.h5"
     if path.exists():
         return Neighbours.load(path)
+    stage_threads(timings, "global")
     with FeatureStore(features) as store:
         db = store.global_descriptors(ds.db_keys)
         queries = store.global_descriptors(ds.query_keys)
@@ -187,6 +203,7 @@ def stage_rerank(ds: Dataset, work: Path, features: Path, codebook, global_neigh
     saved = load_rerank_scores(work)
     if saved is not None:
         return saved
+    stage_threads(timings, "global+rerank")
     shortlist_size = settings["rerank_shortlist"]
     shortlist = Neighbours(global_neigh.query_keys, global_neigh.db_keys,
                            global_neigh.indices[:, :shortlist_size], global_neigh.scores[:, :shortlist_size])

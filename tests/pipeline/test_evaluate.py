@@ -92,8 +92,9 @@ def test_same_inputs_give_the_same_bytes_on_one_and_two_threads(tmp_path, monkey
         monkeypatch.setenv("HOW_MET_THREADS", threads)
         results[threads] = run_evaluation(work_dir=tmp_path / "work", settings=settings, dataset=ds)
         (tmp_path / "work").rename(tmp_path / f"t{threads}")  # the codebook records its store's path
-    assert results["1"]["environment"]["threads"] == {"extract": 1, "other stages": 1}
-    assert results["2"]["environment"]["threads"] == {"extract": 2, "other stages": 2}
+    stages = ("extract", "codebook", "index", "how-asmk", "global", "global+rerank")  # sized as each starts
+    assert results["1"]["environment"]["threads"] == dict.fromkeys(stages, 1)
+    assert results["2"]["environment"]["threads"] == dict.fromkeys(stages, 2)
     assert results["1"]["methods"] == {m: {**v, "extract_images_per_s": results["1"]["methods"][m]["extract_images_per_s"],
                                            "query_ms_per_image": results["1"]["methods"][m]["query_ms_per_image"],
                                            "first_query_ms": results["1"]["methods"][m].get("first_query_ms")}

@@ -21,6 +21,10 @@ def _configure_evaluate(p: argparse.ArgumentParser) -> None:
     add_extractor_options(p, config_default=None)
     p.add_argument("--codebook",
                    help="codebook file trained separately (how-met codebook); default: train on the database")
+    p.add_argument("--features", help="a feature store you already have, holding the database and query "
+                                      "images (how-met extract): nothing is extracted")
+    p.add_argument("--index", help="with --codebook: an inverted file of the database you already have "
+                                   "(how-met index)")
     p.add_argument("--codebook-size", type=POSITIVE,
                    help="visual words of a codebook trained on the database (default: ~200 descriptors per word)")
     p.add_argument("--unsupervised", default="auto",
@@ -48,7 +52,10 @@ def evaluation_settings(args) -> dict:
     if args.config in pipeline_settings.PUBLISHED:  # the published pipeline, not only its extraction
         settings.update(copy.deepcopy(pipeline_settings.PUBLISHED[args.config]))
     settings["extract"] = extraction_config(args, base=settings["extract"])
-    for name in ("checkpoint", "codebook", "codebook_size", "global_dims", "target_precision", "unsupervised", "seed"):
+    if args.index and not args.codebook:
+        raise ValueError("--index needs --codebook: the codebook it was built with")
+    for name in ("checkpoint", "codebook", "codebook_size", "global_dims", "target_precision", "unsupervised", "seed",
+                 "features", "index"):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
     if args.methods:

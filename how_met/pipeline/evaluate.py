@@ -48,8 +48,9 @@ from ..recognition.protocol import protocol_folds, tune_and_test
 from ..utils import configure_threads, library_versions, write_json
 from .evidence import stage_evidence
 from .settings import METHODS, merge_settings, unsupervised_source
-from .stages import (THREADED_STAGES, Timings, record_settings, aligned, dir_megabytes, stage_asmk_query,
-                     stage_codebook, stage_extract, stage_global, stage_index, stage_rerank)
+from .stages import (THREADED_STAGES, Timings, record_settings, aligned, dir_megabytes, given_extraction,
+                     index_path, stage_asmk_query, stage_codebook, stage_extract, stage_global, stage_index,
+                     stage_rerank)
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,8 @@ def _codebook_file(work: Path, settings: dict) -> Path:
     return Path(settings["codebook"]) if settings.get("codebook") else work / "codebook.npz"
 
 
-def _write_recogniser(ds: Dataset, work: Path, settings: dict, protocol: str, outcomes: Dict[str, dict]) -> dict:
+def _write_recogniser(ds: Dataset, work: Path, features: Path, settings: dict, protocol: str,
+                      outcomes: Dict[str, dict]) -> dict:
     """The recogniser of this evaluation: the method whose tuning GAP on the first fold's tuning
     queries is highest, with that fold's (K, t), fusion weights and accept threshold."""
     from ..recognition.recogniser import write_recogniser
@@ -94,9 +96,9 @@ def _write_recogniser(ds: Dataset, work: Path, settings: dict, protocol: str, ou
                   "shortlist": settings["rerank_shortlist"] if method == "global+rerank" else settings["neighbours"],
                   "extract": settings["extract"], "tuned": True, "accept": accept,
                   "source": {"dataset": ds.name, "work": str(work.resolve()), "protocol": protocol}}
-    write_recogniser(work / "recogniser", model_file=work / "model.pt", features=work / "features.h5",
+    write_recogniser(work / "recogniser", model_file=work / "model.pt", features=features,
                      keys=ds.db_keys, exhibit_ids=ds.db_labels, codebook_file=_codebook_file(work, settings),
-                     index_dir=work / "index", global_whitening_file=work / "global_whitening.npz",
+                     index_dir=index_path(work, settings), global_whitening_file=work / "global_whitening.npz",
                      settings=recogniser)
     return recogniser
 
@@ -156,7 +158,7 @@ def _method_candidates(ds: Dataset, run: Path, features: Path, settings: dict, t
         lists["global"] = [({}, *global_list[0])]
     # the recogniser needs a codebook and an index whatever its method
     codebook = stage_codebook(ds, run, features, settings, timings)
-    index = stage_index(ds, run, features, codebook, timings)
+    index = stage_index(ds, run, features, codebook, settings, timings)
     if "how-asmk" in methods or "fusion" in methods:
         asmk_neigh = stage_asmk_query(ds, run, features, codebook, index, settings, timings)
         lists["how-asmk"] = [({}, *aligned(asmk_neigh, ds))]
@@ -198,6 +200,8 @@ def run_evaluation(data_dir=None, work_dir="how-met-work", settings: Optional[di
     of the first repeat (the run with ``seed``).
     """
     settings = merge_settings(settings, overrides)
+    if settings.get("features"):  # what the given store was extracted with (the recogniser's)
+        settings["extract"] = given_extraction(settings["features"])
     threads = configure_threads()
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -246,7 +250,7 @@ def run_evaluation(data_dir=None, work_dir="how-met-work", settings: Optional[di
     if skipped:
         results["notes"]["skipped_images"] = skipped
     (work / "predictions").mkdir(exist_ok=True)
-    costs = _method_costs(work, timings)
+    costs = _method_costs(index_path(work, settings), timings)
     for name in methods:
         outcome = outcomes[0][name]
         flat = degenerate_confidence(outcome["log_odds"][outcome["tested"]])
@@ -267,20 +271,20 @@ def run_evaluation(data_dir=None, work_dir="how-met-work", settings: Optional[di
     top_pairs = {(ds.query_keys[q], ds.db_keys[o["top_indices"][q, 0]]) for o in outcomes[0].values()
                  for q in np.flatnonzero(o["tested"] & (o["top_indices"][:, 0] >= 0))}
     stage_evidence(work, features, _codebook_file(work, settings), top_pairs, settings["multiple_assignment"])
-    results["recogniser"] = _write_recogniser(ds, work, settings, protocol, outcomes[0])
+    results["recogniser"] = _write_recogniser(ds, work, features, settings, protocol, outcomes[0])
     write_json(work / "results.json", results)
     (work / "results.md").write_text(format_table(results) + "\n")
     return results
 
 
-def _method_costs(work: Path, timings: Timings) -> Dict[str, dict]:
+def _method_costs(index: Path, timings: Timings) -> Dict[str, dict]:
     """Per method: extraction rate, query time and index size (what the stages measured)."""
     query_ms = {"global": timings.get("global_query_ms"), "how-asmk": timings.get("how-asmk_query_ms"),
                 "global+rerank": timings.get("global+rerank_query_ms")}
     if query_ms["global"] is not None and query_ms["how-asmk"] is not None:
         query_ms["fusion"] = query_ms["global"] + query_ms["how-asmk"]
     index_mb = {"global": timings.get("global_index_mb"),
-                "how-asmk": dir_megabytes(work / "index") if (work / "index").exists() else None}
+                "how-asmk": dir_megabytes(index) if index.exists() else None}
     index_mb["fusion"] = (index_mb["global"] or 0) + (index_mb["how-asmk"] or 0) or None
     index_mb["global+rerank"] = index_mb["global"]
     return {name: {"extract_images_per_s": timings.get("extract_images_per_s"),

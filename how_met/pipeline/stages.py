@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Tuple
@@ -23,7 +24,7 @@ from .settings import unsupervised_source
 # values is refused rather than silently resumed.
 RESUME_KEYS = ("extract", "checkpoint", "codebook", "codebook_size", "codebook_iterations",
                "codebook_points_per_centroid", "multiple_assignment", "neighbours", "global_dims",
-               "rerank_shortlist", "seed", "unsupervised")
+               "rerank_shortlist", "seed", "unsupervised", "features", "index")
 
 
 def record_settings(work: Path, settings: dict) -> None:
@@ -70,11 +71,41 @@ def stage_threads(timings: Timings, stage: str) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def given_extraction(features) -> dict:
+    """The extraction settings a feature store given to evaluate (``settings["features"]``)
+    was made with, as its own record says."""
+    from ..features.extract import extraction_config_of
+    with FeatureStore(features) as store:
+        return extraction_config_of(store.config)
+
+
+def _given_features(ds: Dataset, features: Path, model_path: Path, skip_bad: bool) -> Path:
+    """A feature store the user already has, in place of the extraction: it must hold every
+    image (with ``skip_bad`` the others take no part) and name its model, which the work
+    directory keeps a copy of (the recogniser's)."""
+    with FeatureStore(features) as store:
+        missing = [key for key in ds.all_keys() if key not in store]
+        model_file = store.model_file
+    if missing and (not skip_bad or len(missing) == len(ds.all_keys())):
+        raise ValueError(f"{features}: holds no features of {len(missing)} of the dataset's images (first: "
+                         f"{missing[0]}); extract them into it, or evaluate without them (--skip-bad)")
+    if model_file is None or not model_file.is_file():
+        raise FileNotFoundError(f"{features}: names no model file (or it is missing); evaluate needs the "
+                                f"model that made the descriptors")
+    if not model_path.exists():
+        with atomic_path(model_path) as tmp:
+            shutil.copyfile(model_file, tmp)
+    return features
+
+
 def stage_extract(ds: Dataset, work: Path, settings: dict, timings: Timings, device: str) -> Path:
-    """Features of every image; the model's whitening is the shipped one (unsupervised_source)
-    or is learned from the database images."""
+    """Features of every image: the store given in the settings (``features``), else extracted;
+    the model's whitening is the shipped one (unsupervised_source) or is learned from the
+    database images."""
     features = work / "features.h5"
     model_path = work / "model.pt"
+    if settings.get("features"):
+        return _given_features(ds, Path(settings["features"]), model_path, settings.get("skip_bad", False))
     if model_path.exists():
         model = load_model(str(model_path), device)
     else:
@@ -118,9 +149,23 @@ def stage_codebook(ds: Dataset, work: Path, features: Path, settings: dict, timi
     return codebook
 
 
-def stage_index(ds: Dataset, work: Path, features: Path, codebook, timings: Timings):
+def index_path(work: Path, settings: dict) -> Path:
+    """The inverted file of the run: the one given in the settings, else the one built in ``work``."""
+    return Path(settings["index"]) if settings.get("index") else work / "index"
+
+
+def stage_index(ds: Dataset, work: Path, features: Path, codebook, settings: dict, timings: Timings):
+    """The index given in the settings (``index``: it must hold exactly the database images),
+    else one built from the features in the work directory."""
     from ..asmk.indexing import build_index
-    from ..asmk.inverted_file import InvertedFile
+    from ..asmk.inverted_file import InvertedFile, load_index
+    if settings.get("index"):
+        index = load_index(settings["index"], codebook)
+        extra, missing = set(index.keys) - set(ds.db_keys), set(ds.db_keys) - set(index.keys)
+        if extra or missing:
+            raise ValueError(f"{settings['index']}: holds {len(extra)} images outside the dataset's database "
+                             f"and lacks {len(missing)} of its images; give the index of the database")
+        return index
     path = work / "index"
     if not path.exists():
         stage_threads(timings, "index")

@@ -119,6 +119,39 @@ def test_same_inputs_give_the_same_bytes_on_one_and_two_threads(tmp_path, monkey
             assert np.array_equal(a.global_descriptor, b.global_descriptor), key
 
 
+def test_evaluate_starts_from_given_features_codebook_and_index(tmp_path, monkeypatch):
+    """What a user already has -- a feature store, a codebook, an index -- is evaluated as
+    given (nothing extracted, trained or built) and gives the fresh run's table."""
+    write_met_fixture(tmp_path / "met", n_classes=4, n_db_only_classes=2)
+    ds = load_met(tmp_path / "met")
+    settings = {**FAST, "methods": ["global", "how-asmk", "fusion"]}
+    fresh = run_evaluation(work_dir=tmp_path / "fresh", settings=settings, dataset=ds)
+    from how_met.pipeline import stages
+    monkeypatch.setattr(stages, "extract_to_store", None)  # calling it would fail the test
+    given = {name: str(tmp_path / "fresh" / name) for name in ("features.h5", "codebook.npz", "index")}
+    reused = run_evaluation(work_dir=tmp_path / "reused", dataset=ds,
+                            settings={**settings, "features": given["features.h5"],
+                                      "codebook": given["codebook.npz"], "index": given["index"]})
+    metrics = ("GAP", "GAP-", "ACC", "K", "t")
+    assert {m: {k: v[k] for k in metrics} for m, v in reused["methods"].items()} == \
+        {m: {k: v[k] for k in metrics} for m, v in fresh["methods"].items()}
+    assert reused["settings"]["extract"] == stages.given_extraction(given["features.h5"])
+    assert not any((tmp_path / "reused" / name).exists() for name in ("features.h5", "codebook.npz", "index"))
+    assert (tmp_path / "reused" / "recogniser" / "index").is_dir()
+    with pytest.raises(ValueError, match="lacks 1 of its images"):
+        run_evaluation(work_dir=tmp_path / "other", dataset=ds,
+                       settings={**settings, "features": given["features.h5"], "codebook": given["codebook.npz"],
+                                 "index": str(_index_without(tmp_path, given, ds.db_keys[0]))})
+
+
+def _index_without(tmp_path, given, key):
+    from how_met.asmk.inverted_file import InvertedFile
+    index = InvertedFile.load(given["index"], mmap=False)
+    index.remove(key)
+    index.compact()
+    return index.save(tmp_path / "smaller-index")
+
+
 def test_mean_std():
     assert mean_std([1.0, 2.0, 3.0, 6.0]) == pytest.approx((3.0, np.sqrt(14 / 3)))
     assert mean_std([4.0]) == (4.0, None)

@@ -221,10 +221,12 @@ def run(args) -> dict:
         own = desc[(int(t) - start) * args.descriptors:(int(t) - start + 1) * args.descriptors]
         query_features.append(data.planted_query(len(query_features), data.features(int(t), own)))
     query_keys = [f"q/{j:06d}" for j in range(len(targets))]
+    query_timings: dict = {}
     with Stage(stages, "asmk_query"):
         parts = [query_descriptors(index, codebook, [q.descriptors for q in query_features[a:a + QUERY_BATCH]],
-                                   query_keys[a:a + QUERY_BATCH], k=args.k)
+                                   query_keys[a:a + QUERY_BATCH], k=args.k, timings=query_timings)
                  for a in range(0, len(query_features), QUERY_BATCH)]
+    stages["asmk_query"].update({f"{part}_s": query_timings[part] for part in ("quantise", "aggregate", "search")})
     indices = np.concatenate([p.indices for p in parts])
     scores = np.concatenate([p.scores for p in parts])
     result["top1"] = float(np.mean(indices[:, 0] == targets))
@@ -265,34 +267,54 @@ def run(args) -> dict:
 # -- fitting the growth over several sizes ---------------------------------------------------------------
 
 def fit(paths) -> dict:
+    """Extrapolate each stage to the Met with the model of how it grows: records and index
+    a + b * images; per query, the search (ASMK postings, global flat search) b * images, and
+    what does not depend on the database (query quantisation and aggregation, kNN, rerank of a
+    fixed shortlist) the mean over the runs; k-means by points x iterations. Peak RSS and disk:
+    a + b * images."""
     runs = sorted((json.loads(Path(p).read_text()) for p in paths), key=lambda r: r["images"])
     if len({r["images"] for r in runs}) < 3:
         raise SystemExit("--fit needs runs at three or more database sizes")
     sizes = np.array([r["images"] for r in runs], np.float64)
     out = {"extrapolation": True, "fitted_sizes": sizes.astype(int).tolist(), "images": MET_IMAGES,
-           "queries": MET_QUERIES, "stages": {}}
+           "queries": MET_QUERIES, "rerank_queries": MET_RERANK_QUERIES, "stages": {}}
 
-    def linear(values):
+    def linear(values) -> float:
         b, a = np.polyfit(sizes, np.asarray(values, np.float64), 1)
-        return lambda n: float(a + b * n)
+        return float(a + b * MET_IMAGES)
 
-    for stage in runs[0]["stages"]:
-        per_query = "per_query_s" in runs[0]["stages"][stage]
-        count = MET_RERANK_QUERIES if stage == "rerank" else MET_QUERIES
-        seconds = linear([r["stages"][stage]["per_query_s" if per_query else "seconds"] for r in runs])
-        if stage == "codebook":  # k-means: points x words x iterations, independent of the database
-            r = runs[-1]
-            full_points = min(20_000 * r["descriptors_per_image"], 256 * r["words"])
-            scale = full_points * 10 / (r["codebook"]["points"] * r["codebook"]["iterations"])
-            est = r["stages"]["codebook"]["seconds"] * scale
-        else:
-            est = seconds(MET_IMAGES) * (count if per_query else 1)
-        out["stages"][stage] = {"seconds": est,
-                                "peak_rss_gb": linear([r["stages"][stage]["peak_rss_gb"] for r in runs])(MET_IMAGES),
-                                "disk_gb": linear([r["stages"][stage]["disk_gb"] for r in runs])(MET_IMAGES)}
+    def proportional(values) -> float:
+        values = np.asarray(values, np.float64)
+        return float(values @ sizes / (sizes @ sizes) * MET_IMAGES)
+
+    def per_query(stage, key="seconds"):
+        return [r["stages"][stage][key] / r["queries"] for r in runs]
+
+    last = runs[-1]
+    full_points = min(20_000 * last["descriptors_per_image"], 256 * last["words"])
+    seconds = {
+        "codebook": last["stages"]["codebook"]["seconds"] * full_points * 10
+        / (last["codebook"]["points"] * last["codebook"]["iterations"]),
+        "records": linear([r["stages"]["records"]["seconds"] for r in runs]),
+        "index": linear([r["stages"]["index"]["seconds"] for r in runs]),
+        "asmk_query": MET_QUERIES * (float(np.mean(per_query("asmk_query", "quantise_s")))
+                                     + float(np.mean(per_query("asmk_query", "aggregate_s")))
+                                     + proportional(per_query("asmk_query", "search_s"))),
+        "global": MET_QUERIES * proportional(per_query("global")),
+        "knn": MET_QUERIES * float(np.mean(per_query("knn"))),
+        "rerank": MET_RERANK_QUERIES * float(np.mean([r["stages"]["rerank"]["per_query_s"] for r in runs])),
+    }
+    for stage, value in seconds.items():
+        out["stages"][stage] = {"seconds": value,
+                                "peak_rss_gb": linear([r["stages"][stage]["peak_rss_gb"] for r in runs]),
+                                "disk_gb": linear([r["stages"][stage]["disk_gb"] for r in runs])}
+    out["asmk_search_ms_per_query"] = 1000 * proportional(per_query("asmk_query", "search_s"))
     out["db_quantise_seconds"] = float(np.mean([r["db_quantise_s_per_image"] for r in runs])) * MET_IMAGES
-    out["record_bytes_per_image"] = runs[-1]["record_bytes_per_image"]
-    out["index_bytes_per_image"] = runs[-1]["index_bytes_per_image"]
+    out["codebook_points"] = full_points
+    rerank = last["rerank"]
+    out["rerank_mb_read"] = rerank["bytes_read"] / rerank["queries"] * MET_RERANK_QUERIES / 2 ** 20
+    out["record_bytes_per_image"] = last["record_bytes_per_image"]
+    out["index_bytes_per_image"] = last["index_bytes_per_image"]
     return out
 
 

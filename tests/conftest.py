@@ -86,3 +86,15 @@ def museum_evaluation(tmp_path_factory, museum_dir):
     from how_met.pipeline.evaluate import run_evaluation
     work = tmp_path_factory.mktemp("museum-evaluation") / "w"
     return work, run_evaluation(museum_dir, work, settings=MUSEUM_SETTINGS, cv=2)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance (2 CPUs, ~4 s to start) shared by every test that needs Ray; its
+    workers import this checkout's how_met."""
+    ray = pytest.importorskip("ray")
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path}})
+    yield ray
+    ray.shutdown()

@@ -74,6 +74,7 @@ class InvertedFile:
         self._image_ids = np.zeros(0, np.uint32)
         self._pending: List[Tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._derived: Dict[bool, Tuple[np.ndarray, np.ndarray]] = {}
+        self._collection_idf: Optional[np.ndarray] = None
 
     # -- shape of the postings -----------------------------------------------------------------
     @property
@@ -180,7 +181,7 @@ class InvertedFile:
         self._alive = np.concatenate([self._alive, np.ones(len(keys), bool)])
         self._n_vectors = np.concatenate([self._n_vectors,
                                           np.bincount(images, minlength=len(keys)).astype(np.uint32)])
-        self._derived.clear()
+        self._changed()
 
     def remove(self, keys: Union[str, Sequence[str]], missing_ok: bool = False) -> int:
         """Remove images by key (their postings are skipped, and dropped by ``compact``)."""
@@ -198,8 +199,13 @@ class InvertedFile:
             self._alive[pos] = False
             removed += 1
         if removed:
-            self._derived.clear()
+            self._changed()
         return removed
+
+    def _changed(self) -> None:
+        """Forget what was derived from the images held (weights, norms, a collection's idf)."""
+        self._derived.clear()
+        self._collection_idf = None
 
     def consolidate(self) -> None:
         """Merge pending chunks into the contiguous per-word postings (one pass, chunks freed as
@@ -231,20 +237,32 @@ class InvertedFile:
         self.consolidate()
         if self._alive.all():
             return
-        keep = self._alive.copy()
+        kept = self.subset(self._alive)
+        self._offsets, self._vectors, self._image_ids = kept._offsets, kept._vectors, kept._image_ids
+        self._keys, self._position = kept._keys, kept._position
+        self._n_vectors, self._alive = kept._n_vectors, kept._alive
+        self._changed()
+
+    def subset(self, keep: np.ndarray) -> "InvertedFile":
+        """A new index of the (alive) images at the positions where ``keep`` is True, in their
+        order, with the same settings (how a sharded index splits one)."""
+        self.consolidate()
+        keep = np.asarray(keep, bool) & self._alive
+        if keep.shape != (self.n_slots,):
+            raise ValueError(f"subset: keep has {keep.size} entries, the index {self.n_slots} positions")
         new_position = (np.cumsum(keep) - 1).astype(np.uint32)
         total = int(self._n_vectors[keep].sum(dtype=np.int64))
-        offsets = np.zeros(self.n_words + 1, np.int64)
-        vectors = np.empty((total, self.vector_width), self.vector_dtype)
-        image_ids = np.empty(total, np.uint32)
+        part = InvertedFile(self.n_words, self.dim, self.binary, self.use_idf, self.alpha, self.tau,
+                            self.codebook_fingerprint, self.extractor, self.model_fingerprint)
+        part._vectors = np.empty((total, self.vector_width), self.vector_dtype)
+        part._image_ids = np.empty(total, np.uint32)
         compact_postings(self._offsets, self._vectors, self._image_ids, new_position, keep,
-                          offsets, vectors, image_ids)
-        self._offsets, self._vectors, self._image_ids = offsets, vectors, image_ids
-        self._keys = [k for k, a in zip(self._keys, keep) if a]
-        self._position = {k: i for i, k in enumerate(self._keys)}
-        self._n_vectors = np.ascontiguousarray(self._n_vectors[keep])
-        self._alive = np.ones(len(self._keys), bool)
-        self._derived.clear()
+                         part._offsets, part._vectors, part._image_ids)
+        part._keys = [k for k, a in zip(self._keys, keep) if a]
+        part._position = {k: i for i, k in enumerate(part._keys)}
+        part._n_vectors = np.ascontiguousarray(self._n_vectors[keep])
+        part._alive = np.ones(len(part._keys), bool)
+        return part
 
     # -- scoring helpers -------------------------------------------------------------------------
     def document_frequency(self) -> np.ndarray:
@@ -255,8 +273,21 @@ class InvertedFile:
         return alive_df(self._offsets, self._image_ids, self._alive)
 
     def idf(self) -> np.ndarray:
-        """(n_words,) float64 idf(w) = log(N / df(w))**2 (1 for words no image has)."""
+        """(n_words,) float64 idf(w) = log(N / df(w))**2 (1 for words no image has); of the whole
+        collection when this index is one shard of it (``set_collection_idf``)."""
+        if self._collection_idf is not None:
+            return self._collection_idf
         return codes.idf_weights(self.document_frequency(), len(self))
+
+    def set_collection_idf(self, idf: np.ndarray) -> None:
+        """Score with the idf of the collection this index is a shard of (its images' summed
+        document frequencies), so that idf scores equal those of one index of every image.
+        Forgotten when images are added or removed here."""
+        idf = np.asarray(idf, np.float64)
+        if idf.shape != (self.n_words,):
+            raise ValueError(f"collection idf has shape {idf.shape}, the index {self.n_words} words")
+        self._derived.pop(True, None)
+        self._collection_idf = idf
 
     def _weights(self, use_idf: bool) -> Tuple[np.ndarray, np.ndarray]:
         """(per-word weight, per-image 1/sqrt(norm), 0 for removed or empty images)."""
@@ -283,6 +314,14 @@ class InvertedFile:
         aggregated: the queries' vectors and words; ``aggregated.images`` (m,) the query index of
         each vector, in [0, nq) with nq = len(query_keys) (default: max + 1, keys "0", "1", ...).
         """
+        query_keys, idx, sc = self.ranked(aggregated, k, query_keys, alpha, tau, use_idf)
+        return Neighbours(query_keys, self._keys, idx, sc.astype(np.float32))
+
+    def ranked(self, aggregated: Aggregated, k: int = 100, query_keys: Optional[Sequence[str]] = None,
+               alpha: Optional[float] = None, tau: Optional[float] = None,
+               use_idf: Optional[bool] = None) -> Tuple[List[str], np.ndarray, np.ndarray]:
+        """``search`` before rounding: (query keys, (nq, k) positions, (nq, k) float64 scores),
+        what a sharded index merges (rounded scores would tie where the full ones do not)."""
         vectors, words, images = aggregated
         alpha = self.alpha if alpha is None else float(alpha)
         tau = self.tau if tau is None else float(tau)
@@ -327,7 +366,7 @@ class InvertedFile:
             q_vecs = np.ascontiguousarray(vectors[order], np.float32)
             idx, sc = search_float(q_off, q_words, q_vecs, q_scale, self._offsets, self._vectors,
                                     self._image_ids, db_scale, weight, alpha, tau, k, workers)
-        return Neighbours(query_keys, self._keys, idx, sc.astype(np.float32))
+        return query_keys, idx, sc
 
     def postings(self, word: int) -> Tuple[np.ndarray, np.ndarray]:
         """(vectors, image positions) of one word (for inspection and tests)."""
@@ -416,9 +455,10 @@ class InvertedFile:
 
 
 def load_index(index, codebook=None, mmap: bool = True) -> InvertedFile:
-    """The InvertedFile given, or the one saved at that path (memory-mapped); with ``codebook``,
-    checked to be the one it was built with (``InvertedFile.check_codebook``)."""
-    if not isinstance(index, InvertedFile):
+    """The index given (an InvertedFile or a ``ShardedIndex``), or the InvertedFile saved at that
+    path (memory-mapped); with ``codebook``, checked to be the one it was built with
+    (``check_codebook``)."""
+    if isinstance(index, (str, os.PathLike)):  # else an InvertedFile or a ShardedIndex
         index = InvertedFile.load(index, mmap=mmap)
     if codebook is not None:
         index.check_codebook(codebook)

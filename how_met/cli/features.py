@@ -7,8 +7,8 @@ from pathlib import Path
 
 from ..features import settings as feature_settings
 from ..utils import configure_threads
-from .options import (POSITIVE, Command, add_input_options, add_model_options, extraction_config,
-                      inputs, model_from_args, shard)
+from .options import (POSITIVE, Command, add_input_options, add_model_options, add_ray_option,
+                      extraction_config, inputs, model_from_args, shard)
 
 
 def _configure_extract(p: argparse.ArgumentParser) -> None:
@@ -25,6 +25,7 @@ def _configure_extract(p: argparse.ArgumentParser) -> None:
     p.add_argument("--like", type=Path, metavar="STORE",
                    help="extract with the model and settings of this feature store (e.g. queries "
                         "--like the database's store, so that they can be searched against it)")
+    add_ray_option(p)
 
 
 def _run_extract(args) -> int:
@@ -38,7 +39,8 @@ def _run_extract(args) -> int:
     stats = extract_to_store(image_root, keys, args.out, config=config, model=model, like=args.like,
                              device=args.device, batch_size=args.batch_size, workers=args.workers,
                              skip_bad=args.skip_bad, float16=args.float16, shard=shard(args.shard),
-                             whiten_keys=db_keys, model_out=args.save_model, autocast=args.bf16)
+                             whiten_keys=db_keys, model_out=args.save_model, autocast=args.bf16,
+                             ray=args.ray)
     print(json.dumps(stats))
     return 0
 

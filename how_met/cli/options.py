@@ -96,6 +96,13 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=NON_NEGATIVE, help="image decoding processes (default: 0 on <= 2 free cores)")
 
 
+def add_ray_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run the network on a Ray cluster: ADDRESS of its head (auto, "
+                        "ray://host:10001), or none for a local Ray sized to the free cores "
+                        "(pip install 'how-met[ray]')")
+
+
 def extraction_config(args, base: Optional[dict] = None) -> dict:
     """``--config`` (else ``base``, else the default) with the command line's overrides applied."""
     import copy

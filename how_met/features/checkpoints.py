@@ -83,20 +83,7 @@ def load_model(source: str, device: str = "cpu") -> HOWNet:
         raise RuntimeError(f"{source}: no 'state_dict' in checkpoint")
     state = ckpt["state_dict"]
     if ckpt.get("format") == CHECKPOINT_FORMAT:
-        try:
-            config = ModelConfig(**json.loads(ckpt["config"]))
-        except (TypeError, ValueError) as exc:  # unknown or missing fields, not JSON
-            raise RuntimeError(f"{source}: model config is not valid ({exc})") from None
-        model = HOWNet(config, imagenet=False)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise RuntimeError(f"{source}: checkpoint does not match its config "
-                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        recorded = ckpt.get("model_fingerprint")
-        if recorded is not None and recorded != model_fingerprint(model):
-            raise RuntimeError(f"{source}: weights do not match the model fingerprint the file records "
-                               f"({recorded}, computed {model_fingerprint(model)}): damaged or edited file")
-        return model.to(device).eval()
+        return model_from_payload(ckpt, source, device)
     if "meta" in ckpt:  # old official layout
         meta = ckpt["meta"]
         arch, skip = meta.get("architecture"), int(meta.get("skip_layer", 0))
@@ -125,14 +112,39 @@ def load_model(source: str, device: str = "cpu") -> HOWNet:
     return model.to(device).eval()
 
 
-def save_model(model: HOWNet, path: os.PathLike) -> None:
-    """Save a how-met model (weights + config + learned whitening), loadable without pickle."""
-    payload = {
+def model_payload(model: HOWNet) -> dict:
+    """A how-met model as plain data (format, config JSON, fingerprint, CPU tensors): what
+    ``save_model`` writes and what distributed extraction ships to its workers."""
+    return {
         "format": CHECKPOINT_FORMAT,
         "config": json.dumps(asdict(model.config)),
         "model_fingerprint": model_fingerprint(model),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
+
+
+def model_from_payload(payload: dict, source="the model", device: str = "cpu") -> HOWNet:
+    """The model of a ``model_payload`` (read from a file or received by a worker), its weights
+    checked against the fingerprint it records; ``source`` names it in errors."""
+    try:
+        config = ModelConfig(**json.loads(payload["config"]))
+    except (TypeError, ValueError) as exc:  # unknown or missing fields, not JSON
+        raise RuntimeError(f"{source}: model config is not valid ({exc})") from None
+    model = HOWNet(config, imagenet=False)
+    missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{source}: checkpoint does not match its config "
+                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    recorded = payload.get("model_fingerprint")
+    if recorded is not None and recorded != model_fingerprint(model):
+        raise RuntimeError(f"{source}: weights do not match the model fingerprint the file records "
+                           f"({recorded}, computed {model_fingerprint(model)}): damaged or edited file")
+    return model.to(device).eval()
+
+
+def save_model(model: HOWNet, path: os.PathLike) -> None:
+    """Save a how-met model (weights + config + learned whitening), loadable without pickle."""
+    payload = model_payload(model)
     with atomic_path(path) as tmp:
         # A file object, not the path: torch names the zip's top folder after the file, and
         # the temporary name holds the process id -- the bytes would differ on every run.

@@ -133,11 +133,12 @@ def _ordered_map(fn, items, threads: int):
 def _extract_batches(model: HOWNet, image_root: Path, keys: Sequence[str], config: dict,
                      batch_size: int, workers: int, skip_bad: bool, reduce: bool,
                      features_num: Optional[int] = None, desc: str = "extract",
-                     autocast: bool = False):
+                     autocast: bool = False, skipped: Optional[List[str]] = None):
     """Yield (key, LocalFeatures) for every readable image in ``keys`` order; bad ones raise or
-    are logged. Batches run on ``configured_threads()`` threads of one torch thread each."""
+    are logged (and their messages appended to ``skipped``). Batches run on
+    ``configured_threads()`` threads of one torch thread each."""
     decoded = (item for item in _iter_decoded(image_root, keys, config, workers)
-               if _check_decoded(item, skip_bad))
+               if _check_decoded(item, skip_bad, skipped))
     threads = (configured_threads() or 1) if model.device.type == "cpu" else 1
 
     def run(batch):
@@ -196,13 +197,15 @@ def default_workers() -> int:
     return 0 if cores <= 2 else min(4, cores // 4 + 1)
 
 
-def _check_decoded(item, skip_bad: bool) -> bool:
+def _check_decoded(item, skip_bad: bool, skipped: Optional[List[str]] = None) -> bool:
     key, tensor, _, error = item
     if error is None:
         return True
     if not skip_bad:
         raise ImageError(error + " (use --skip-bad to continue past bad images)")
     logger.warning("skipping %s", error)
+    if skipped is not None:
+        skipped.append(error)
     return False
 
 
@@ -312,7 +315,8 @@ def extract_to_store(image_root, keys: Sequence[str], out, config=None,
                      model: Optional[HOWNet] = None, device: str = "cpu", batch_size: int = 1,
                      workers: Optional[int] = None, skip_bad: bool = False, float16: bool = False,
                      shard: Optional[Tuple[int, int]] = None, whiten_keys: Optional[Sequence[str]] = None,
-                     model_out=None, autocast: bool = False, flush_every: int = 50, like=None) -> dict:
+                     model_out=None, autocast: bool = False, flush_every: int = 50, like=None,
+                     ray=None) -> dict:
     """Extract features of ``keys`` (paths relative to ``image_root``) into ``out``.
 
     ``like``: a feature store (path) whose model and extraction settings to use -- how query
@@ -324,6 +328,9 @@ def extract_to_store(image_root, keys: Sequence[str], out, config=None,
     fingerprint and its file: ``model_out``, else the model ``like`` names, else ``<out
     stem>.model.pt`` beside the store. ``flush_every``: images between syncs of the journal to
     disk (a killed process loses nothing either way; this bounds what a power cut loses).
+    ``ray``: run the network on a Ray cluster instead (``how_met.features.distributed``): True
+    for a local Ray instance sized to the free cores, a cluster address ("auto",
+    "ray://head:10001"), or a ``RayExtraction``; the same features, written by this process.
     Returns stats (counts, seconds, images/s).
     """
     image_root = Path(image_root)
@@ -334,21 +341,37 @@ def extract_to_store(image_root, keys: Sequence[str], out, config=None,
     keys = sorted(dict.fromkeys(keys))
     if shard is not None:
         keys = keys[shard[0]::shard[1]]
+    cluster = None
+    if ray is not None and ray is not False:
+        from .distributed import ray_extraction
+        cluster = ray_extraction(ray)
     started = time.perf_counter()
-    with FeatureStore(out, "a") as store:
-        model, config, model_file = _extraction_model(store, config, model, like, device)
+    with contextlib.ExitStack() as stack:
+        if cluster is not None:
+            stack.enter_context(cluster.session())
+        store = stack.enter_context(FeatureStore(out, "a"))
+        # on a cluster the model stays on this machine's CPU; the workers move it to ``device``
+        model, config, model_file = _extraction_model(store, config, model, like,
+                                                      device if cluster is None else "cpu")
         todo = [k for k in keys if k not in store]
         raw: Dict[str, LocalFeatures] = {}
         learned = bool(todo) and not model.has_whitening
         if learned:
             sample_from = list(whiten_keys) if whiten_keys is not None else keys
-            reuse = min(len(sample_from), WHITEN_IMAGES) <= REUSE_RAW_MAX_IMAGES
-            raw = learn_whitening(model, image_root, sample_from, config, batch_size=batch_size,
-                                  workers=workers, skip_bad=True, keep_raw=reuse) or {}
+            if cluster is not None:
+                model = cluster.learn_whitening(model, image_root, sample_from, config, batch_size, device)
+            else:
+                reuse = min(len(sample_from), WHITEN_IMAGES) <= REUSE_RAW_MAX_IMAGES
+                raw = learn_whitening(model, image_root, sample_from, config, batch_size=batch_size,
+                                      workers=workers, skip_bad=True, keep_raw=reuse) or {}
         if model.has_whitening:
             _record_model(store, model, config, out, model_out, model_file, learned)
-        done = _write_features(store, model, image_root, todo, raw, config, batch_size, workers,
-                               skip_bad, float16, autocast, flush_every)
+        if cluster is not None:
+            done = cluster.write_features(store, model, image_root, todo, config, batch_size, skip_bad,
+                                          float16, autocast, flush_every, device)
+        else:
+            done = _write_features(store, model, image_root, todo, raw, config, batch_size, workers,
+                                   skip_bad, float16, autocast, flush_every)
     seconds = time.perf_counter() - started
     skipped = len(keys) - len(todo)
     stats = {"extracted": done, "skipped_existing": skipped, "seconds": seconds,

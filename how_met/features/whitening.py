@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from ..utils import atomic_path, l2_normalise
 
@@ -50,7 +51,11 @@ def principal_directions(covariance: np.ndarray, n_samples: int) -> Tuple[np.nda
     sign makes the whitening (and every descriptor and sign bit after it) the same bytes
     whenever the covariance is, instead of flipping whole output dimensions between runs.
     """
-    eigenvalues, eigenvectors = np.linalg.eigh(np.asarray(covariance, np.float64))
+    # LAPACK's eigensolver on one BLAS thread: with more (numpy's default: every core; a Ray
+    # worker: its CPUs) the eigenvectors move in their last bits, so the whitening -- and every
+    # descriptor -- depended on the machine's core count
+    with threadpool_limits(1, user_api="blas"):
+        eigenvalues, eigenvectors = np.linalg.eigh(np.asarray(covariance, np.float64))
     order = np.argsort(eigenvalues, kind="stable")[::-1]
     eigenvalues, eigenvectors = eigenvalues[order], eigenvectors[:, order]
     pivots = np.argmax(np.abs(eigenvectors), axis=0)

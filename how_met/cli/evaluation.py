@@ -6,7 +6,8 @@ from pathlib import Path
 
 from ..features import settings as feature_settings
 from ..pipeline import settings as pipeline_settings
-from .options import NON_NEGATIVE, POSITIVE, Command, add_extractor_options, at_least, extraction_config
+from .options import (NON_NEGATIVE, POSITIVE, Command, add_extractor_options, add_ray_option, at_least,
+                      extraction_config)
 
 
 def _configure_evaluate(p: argparse.ArgumentParser) -> None:
@@ -44,6 +45,7 @@ def _configure_evaluate(p: argparse.ArgumentParser) -> None:
                    default=pipeline_settings.DEFAULT_TARGET_PRECISION,
                    help="the recogniser (WORK/recogniser) accepts answers from the lowest confidence at "
                         "which validation precision reaches this")
+    add_ray_option(p)
 
 
 def evaluation_settings(args) -> dict:
@@ -78,7 +80,7 @@ def _run_evaluate(args) -> int:
         ds = load_dataset(args.data, skip_missing=args.skip_missing)
     started = time.perf_counter()
     results = run_evaluation(work_dir=args.work, settings=settings, cv=args.cv, dataset=ds,
-                             device=args.device, repeats=args.repeats)
+                             device=args.device, repeats=args.repeats, ray=args.ray)
     print(format_table(results))
     print(f"\nresults: {args.work / 'results.json'} ({time.perf_counter() - started:.0f} s)")
     if args.report:

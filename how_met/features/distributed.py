@@ -175,13 +175,15 @@ class RayExtraction:
         return max(1, int(total.get("CPU", 1)) // self.cpus_per_worker)
 
     def learn_whitening(self, model: HOWNet, image_root, keys: Sequence[str], config: dict,
-                        batch_size: int, device: str) -> HOWNet:
-        """``model`` with the whitening learned from ``keys`` on a worker (back on this CPU)."""
+                        batch_size: int, device: str) -> None:
+        """Learn ``model``'s whitening from ``keys`` on a worker and set it on ``model`` (as
+        ``learn_whitening`` does on this machine)."""
         ray = import_ray()
         task = self._task(ray, whitening_unit, device)
         ref = task.remote(model_payload(model), str(Path(image_root).resolve()), list(keys), config,
                           device, self.cpus_per_worker, batch_size, self.decode_workers)
-        return model_from_payload(remote_result(ray, ref), "the model whitened on Ray")
+        whitened = model_from_payload(remote_result(ray, ref), "the model whitened on Ray")
+        model.load_state_dict(whitened.state_dict())
 
     def write_features(self, store: FeatureStore, model: HOWNet, image_root, todo: Sequence[str],
                        config: dict, batch_size: int, skip_bad: bool, float16: bool, autocast: bool,

@@ -359,7 +359,7 @@ def extract_to_store(image_root, keys: Sequence[str], out, config=None,
         if learned:
             sample_from = list(whiten_keys) if whiten_keys is not None else keys
             if cluster is not None:
-                model = cluster.learn_whitening(model, image_root, sample_from, config, batch_size, device)
+                cluster.learn_whitening(model, image_root, sample_from, config, batch_size, device)
             else:
                 reuse = min(len(sample_from), WHITEN_IMAGES) <= REUSE_RAW_MAX_IMAGES
                 raw = learn_whitening(model, image_root, sample_from, config, batch_size=batch_size,

@@ -190,14 +190,15 @@ def check_data(work: Path, ds: Dataset) -> None:
 
 def run_evaluation(data_dir=None, work_dir="how-met-work", settings: Optional[dict] = None,
                    cv: Optional[int] = None, dataset: Optional[Dataset] = None, device: str = "cpu",
-                   repeats: int = 1, **overrides) -> dict:
+                   repeats: int = 1, ray=None, **overrides) -> dict:
     """Run (or resume) every stage on a Met-format directory and return the results dict.
 
     ``repeats`` > 1 reruns what depends on chance -- the codebook seed (k-means, hence index,
     ASMK lists and rerank scores) and the fold split -- with seeds ``seed``, ``seed + 1``, ...
     reusing the extracted features and the global lists; every metric is then reported as the
     mean and sample std over the repeats. Per-query predictions, tuning grids, K and t are those
-    of the first repeat (the run with ``seed``).
+    of the first repeat (the run with ``seed``). ``ray``: run the extraction stage on a Ray
+    cluster (``extract_to_store``'s argument; the same features).
     """
     settings = merge_settings(settings, overrides)
     if settings.get("features"):  # what the given store was extracted with (the recogniser's)
@@ -212,7 +213,7 @@ def run_evaluation(data_dir=None, work_dir="how-met-work", settings: Optional[di
     seeds = repeat_seeds(settings["seed"], repeats)
     methods = [m for m in settings["methods"] if m in METHODS]
 
-    features = stage_extract(ds, work, settings, timings, device)
+    features = stage_extract(ds, work, settings, timings, device, ray)
     with FeatureStore(features) as store:  # images --skip-bad skipped take no part in any stage
         skipped = [key for key in ds.all_keys() if key not in store]
     if skipped:

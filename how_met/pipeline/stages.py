@@ -98,10 +98,11 @@ def _given_features(ds: Dataset, features: Path, model_path: Path, skip_bad: boo
     return features
 
 
-def stage_extract(ds: Dataset, work: Path, settings: dict, timings: Timings, device: str) -> Path:
+def stage_extract(ds: Dataset, work: Path, settings: dict, timings: Timings, device: str,
+                  ray=None) -> Path:
     """Features of every image: the store given in the settings (``features``), else extracted;
     the model's whitening is the shipped one (unsupervised_source) or is learned from the
-    database images."""
+    database images. ``ray``: extract on a Ray cluster (see ``extract_to_store``)."""
     features = work / "features.h5"
     model_path = work / "model.pt"
     if settings.get("features"):
@@ -116,7 +117,7 @@ def stage_extract(ds: Dataset, work: Path, settings: dict, timings: Timings, dev
             apply_whitening(model, shipped)
     stats = extract_to_store(ds.image_root, ds.all_keys(), features, config=settings["extract"],
                              model=model, device=device, whiten_keys=ds.db_keys,
-                             model_out=model_path, skip_bad=settings.get("skip_bad", False))
+                             model_out=model_path, skip_bad=settings.get("skip_bad", False), ray=ray)
     if not model_path.exists():
         save_model(model, model_path)
     if stats["extracted"]:

@@ -1,6 +1,7 @@
 """Extraction on a local Ray instance: the same store as one process, resumed, retried after a
 worker is killed, bad images skipped (issue 15)."""
 import glob
+import json
 import os
 import shutil
 import signal
@@ -128,3 +129,28 @@ def test_bad_images_are_skipped_and_logged_or_stop_the_run(ray_local, museum_dir
     assert "broken.jpg" in caplog.text  # logged by the driver, not only in the worker's log
     with FeatureStore(tmp_path / "f.h5") as store:
         assert store.keys() == sorted(images[:2])
+
+
+def test_evaluate_extraction_stage_on_ray(ray_local, museum_dir, museum_pairs, tmp_path):
+    """``how-met evaluate --ray``'s extraction stage writes the features it writes without Ray."""
+    from how_met.datasets import load_dataset
+    from how_met.pipeline.settings import QUICK_SETTINGS
+    from how_met.pipeline.stages import Timings, stage_extract
+    pairs, by_class = museum_pairs
+    classes = {v: k for k, v in by_class.items()}
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "images").symlink_to(museum_dir / "images")
+    (data / "database.json").write_text(json.dumps([{"id": classes[db], "path": db} for _, db in pairs[:3]]))
+    (data / "queries.json").write_text(json.dumps([{"path": q, "MET_id": classes[db]} for q, db in pairs[:3]]))
+    ds = load_dataset(data)
+    settings = {**QUICK_SETTINGS, "extract": {**QUICK_SETTINGS["extract"], **{k: TINY[k] for k in
+                                                                               ("scales", "features_num", "image_size")}}}
+    stores = []
+    for ray in (None, True):
+        work = tmp_path / f"work-{ray}"
+        work.mkdir()
+        stores.append(stage_extract(ds, work, settings, Timings(work / "timings.json"), "cpu", ray=ray))
+    with FeatureStore(stores[1]) as store:
+        assert store.keys() == sorted(ds.all_keys())
+    assert _dump(stores[1]) == _dump(stores[0])

@@ -23,6 +23,8 @@ _EXPORTS = {
     "Codebook": "asmk.codebook", "train_codebook": "asmk.codebook",
     "quantise_and_aggregate": "asmk.aggregation",
     "InvertedFile": "asmk.inverted_file", "build_index": "asmk.indexing",
+    "ShardedIndex": "asmk.sharded", "split_index": "asmk.sharded",
+    "RayExtraction": "features.distributed",
     "query_descriptors": "asmk.query", "query_store": "asmk.query",
     "Neighbours": "neighbours",
     "Reranker": "verify.reranker", "SpatialParams": "verify.reranker",

@@ -89,7 +89,7 @@ def remote_result(ray, ref):
 # On the workers
 # ---------------------------------------------------------------------------------------------
 
-_WORKER_MODEL: Dict[Tuple[str, str], Tuple[HOWNet, HOWNet]] = {}  # one model per worker process
+_WORKER_MODEL: Dict[Tuple[str, str], HOWNet] = {}  # one model per worker process
 
 
 def _worker_model(payload: dict, device: str) -> HOWNet:
@@ -98,9 +98,8 @@ def _worker_model(payload: dict, device: str) -> HOWNet:
     key = (payload["model_fingerprint"], device)
     if key not in _WORKER_MODEL:
         _WORKER_MODEL.clear()
-        model = model_from_payload(payload, "the model shipped to this Ray worker", device)
-        _WORKER_MODEL[key] = (model, inference_copy(model))
-    return _WORKER_MODEL[key][1]
+        _WORKER_MODEL[key] = inference_copy(model_from_payload(payload, "the model shipped to this Ray worker", device))
+    return _WORKER_MODEL[key]
 
 
 def extract_unit(payload: dict, image_root: str, keys: Sequence[str], config: dict, device: str,

@@ -1,5 +1,7 @@
 """PCA-whitening: the global-descriptor rule (caps, identity fallback) and the HOW layer's."""
 import logging
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,3 +122,19 @@ def test_eigenvector_signs_are_canonical(monkeypatch):
     after = (PCAWhitening.learn(X, dims=8).projection, whitening_from_moments(X.mean(0), cov, 500, 8)[1])
     for b, a in zip(before, after):
         assert np.array_equal(b, a)
+
+
+def test_principal_directions_do_not_depend_on_the_blas_thread_count():
+    """numpy's eigensolver split over more BLAS threads moved the eigenvectors in their last bits
+    (a Ray worker has as many as its CPUs, a driver as many as the machine's cores)."""
+    import subprocess
+    import sys
+    script = ("import hashlib, numpy as np; from how_met.features.whitening import principal_directions; "
+              "x = np.random.default_rng(0).random((2000, 672)); "
+              "v, w, _ = principal_directions(np.cov(x, rowvar=False), len(x)); "
+              "print(hashlib.sha256(v.tobytes() + w.tobytes()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+                                   "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads,
+                                   "MKL_NUM_THREADS": threads}).stdout for threads in ("1", "2")}
+    assert len(digests) == 1

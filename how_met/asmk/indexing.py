@@ -4,6 +4,7 @@ stores or straight from the images (``records_from_stores``, ``records_from_imag
 assembled on disk (``index_from_records``)."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -146,11 +147,13 @@ def records_from_stores(stores: Sequence, codebook, records_path, descriptors: s
 
 def records_from_images(image_root, keys: Sequence[str], like, codebook, records_path,
                         descriptors: str = "int8", batch_size: int = 64, device: str = "cpu",
-                        workers: Optional[int] = None, skip_bad: bool = False) -> dict:
+                        workers: Optional[int] = None, skip_bad: bool = False, ray=None) -> dict:
     """Extract the images ``keys`` with the model and settings of the feature store ``like``
     (the sample the codebook was trained on) and stream them straight into the records file:
     no raw descriptors are written. Images the records file holds are skipped (resume after a
-    crash). Returns {"written", "skipped"}."""
+    crash). ``ray``: extract on a Ray cluster, as ``extract_to_store(..., ray=...)`` does (True,
+    an address or a ``RayExtraction``); this process still writes every record. Returns
+    {"written", "skipped"}."""
     from ..features.extract import iter_features
     codebook = load_codebook(codebook)
     with FeatureStore(like, "r") as sample:
@@ -159,8 +162,9 @@ def records_from_images(image_root, keys: Sequence[str], like, codebook, records
         keys = sorted(dict.fromkeys(keys))
         todo = [k for k in keys if k not in records]
         bar = progress(total=len(todo), desc="records", unit="img", disable=True)  # extraction shows one
-        items = iter_features(image_root, todo, like, device=device, workers=workers, skip_bad=skip_bad)
-        written = _append_records(records, codebook, items, batch_size, bar)
+        with contextlib.closing(iter_features(image_root, todo, like, device=device, workers=workers,
+                                              skip_bad=skip_bad, ray=ray)) as items:
+            written = _append_records(records, codebook, items, batch_size, bar)
     return {"written": written, "skipped": len(keys) - len(todo)}
 
 

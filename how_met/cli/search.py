@@ -8,8 +8,8 @@ from pathlib import Path
 from ..asmk import settings as asmk_settings
 from ..features import settings as feature_settings
 from ..utils import configure_threads
-from .options import (NON_NEGATIVE, POSITIVE, Command, add_input_options, add_model_options, extraction_config,
-                      inputs)
+from .options import (NON_NEGATIVE, POSITIVE, Command, add_input_options, add_model_options, add_ray_option,
+                      extraction_config, inputs)
 
 
 def _configure_codebook(p: argparse.ArgumentParser) -> None:
@@ -72,10 +72,13 @@ def _configure_index(p: argparse.ArgumentParser) -> None:
     streaming.add_argument("--skip-bad", action="store_true", help="log unreadable images and go on")
     streaming.add_argument("--device", default="cpu", help="cpu or cuda")
     streaming.add_argument("--workers", type=NON_NEGATIVE, help="image decoding processes (default: 0 on <= 2 free cores)")
+    add_ray_option(streaming)
 
 
 def _run_index(args) -> int:
     configure_threads()
+    if args.ray is not None and (args.records is None or args.features is not None):
+        raise ValueError("--ray runs the network: give --images/--data/--met streamed into --records")
     if args.records is not None:
         return _run_streaming_index(args)
     from ..asmk.indexing import build_index
@@ -111,7 +114,8 @@ def _run_streaming_index(args) -> int:
         image_root, keys, _ = inputs(args)
         stats = records_from_images(image_root, keys, args.like, args.codebook, args.records,
                                     descriptors=args.record_descriptors, batch_size=args.batch_size,
-                                    device=args.device, workers=args.workers, skip_bad=args.skip_bad)
+                                    device=args.device, workers=args.workers, skip_bad=args.skip_bad,
+                                    ray=args.ray)
     ivf = index_from_records(args.records, args.out, use_idf=args.idf)
     summary = _index_summary(args.out, ivf)
     summary.update(records=str(args.records), records_written=stats["written"],

@@ -1,4 +1,5 @@
-"""Extraction on a Ray cluster (``extract_to_store(..., ray=...)``, ``how-met extract --ray``).
+"""Extraction on a Ray cluster (``extract_to_store(..., ray=...)``, ``how-met extract --ray``;
+the streaming index build too: ``records_from_images(..., ray=...)``, ``how-met index --ray``).
 
 The driver (the process that calls ``extract_to_store``) keeps everything that must be done
 once: it opens the feature store, decides the model, lists the images still to do and records
@@ -184,20 +185,20 @@ class RayExtraction:
         whitened = model_from_payload(remote_result(ray, ref), "the model whitened on Ray")
         model.load_state_dict(whitened.state_dict())
 
-    def write_features(self, store: FeatureStore, model: HOWNet, image_root, todo: Sequence[str],
-                       config: dict, batch_size: int, skip_bad: bool, float16: bool, autocast: bool,
-                       flush_every: int, device: str) -> int:
-        """Extract ``todo`` in work units on the cluster and write every image into ``store`` as
-        its unit finishes (at most two units per worker in flight). Returns images written."""
+    def iter_features(self, model: HOWNet, image_root, keys: Sequence[str], config: dict,
+                      batch_size: int, skip_bad: bool, autocast: bool, device: str):
+        """Yield (key, LocalFeatures) of the readable images of ``keys``, extracted in work units
+        on the cluster (at most two units per worker in flight), unit by unit as they finish --
+        not in key order. Bad images are logged (``skip_bad``) or raise. Closing the generator
+        early cancels the units still running."""
         ray = import_ray()
         task = self._task(ray, extract_unit, device)
         payload = ray.put(model_payload(model))
         root = str(Path(image_root).resolve())
-        units = iter([list(todo[i:i + self.unit_images]) for i in range(0, len(todo), self.unit_images)])
+        units = iter([list(keys[i:i + self.unit_images]) for i in range(0, len(keys), self.unit_images)])
         limit = 2 * self.workers(ray, device)
         in_flight: Dict = {}
-        done = unflushed = 0
-        bar = progress(total=len(todo), desc="extract (ray)", unit="img")
+        bar = progress(total=len(keys), desc="extract (ray)", unit="img")
         try:
             while True:
                 for unit in units:
@@ -213,18 +214,26 @@ class RayExtraction:
                 features, skipped = remote_result(ray, ref)
                 for message in skipped:
                     logger.warning("skipping %s", message)
-                for key, feats in features:
-                    store.write(key, feats, float16=float16)
-                done += len(features)
-                unflushed += len(features)
-                if unflushed >= flush_every:
-                    store.flush()
-                    unflushed = 0
+                yield from features
                 bar.update(len(unit))
         finally:
             for ref in in_flight:  # interrupted or failed: stop the units still running
                 ray.cancel(ref, force=True)
             bar.close()
+
+    def write_features(self, store: FeatureStore, model: HOWNet, image_root, todo: Sequence[str],
+                       config: dict, batch_size: int, skip_bad: bool, float16: bool, autocast: bool,
+                       flush_every: int, device: str) -> int:
+        """Extract ``todo`` on the cluster (``iter_features``) and write every image into
+        ``store`` as its unit finishes. Returns images written."""
+        done = 0
+        with contextlib.closing(self.iter_features(model, image_root, todo, config, batch_size,
+                                                   skip_bad, autocast, device)) as features:
+            for key, feats in features:
+                store.write(key, feats, float16=float16)
+                done += 1
+                if done % flush_every == 0:
+                    store.flush()
         return done
 
 

@@ -311,6 +311,14 @@ def model_of_store(store_path, device: str = "cpu") -> Tuple[HOWNet, dict, Path]
     return model, extraction_config_of(recorded), model_file
 
 
+def _ray_cluster(ray):
+    """The ``ray=`` argument as a ``RayExtraction``, or None to run in this process."""
+    if ray is None or ray is False:
+        return None
+    from .distributed import ray_extraction
+    return ray_extraction(ray)
+
+
 def extract_to_store(image_root, keys: Sequence[str], out, config=None,
                      model: Optional[HOWNet] = None, device: str = "cpu", batch_size: int = 1,
                      workers: Optional[int] = None, skip_bad: bool = False, float16: bool = False,
@@ -341,10 +349,7 @@ def extract_to_store(image_root, keys: Sequence[str], out, config=None,
     keys = sorted(dict.fromkeys(keys))
     if shard is not None:
         keys = keys[shard[0]::shard[1]]
-    cluster = None
-    if ray is not None and ray is not False:
-        from .distributed import ray_extraction
-        cluster = ray_extraction(ray)
+    cluster = _ray_cluster(ray)
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if cluster is not None:
@@ -381,20 +386,31 @@ def extract_to_store(image_root, keys: Sequence[str], out, config=None,
 
 
 def iter_features(image_root, keys: Sequence[str], like, device: str = "cpu", batch_size: int = 1,
-                  workers: Optional[int] = None, skip_bad: bool = False, autocast: bool = False):
+                  workers: Optional[int] = None, skip_bad: bool = False, autocast: bool = False,
+                  ray=None):
     """Yield (key, LocalFeatures) for ``keys`` (paths relative to ``image_root``), extracted with
     the model and settings of the feature store ``like`` exactly as ``extract_to_store(...,
     like=like)`` computes them, without writing a store: what streams a large database
-    straight into its index (``how_met.asmk.indexing.records_from_images``)."""
+    straight into its index (``how_met.asmk.indexing.records_from_images``). In ``keys`` order;
+    with ``ray`` (as ``extract_to_store`` takes it) the network runs on a Ray cluster and the
+    images come unit by unit as the workers finish them."""
     image_root = Path(image_root)
     if not image_root.is_dir():
         raise FileNotFoundError(f"{image_root}: image root is not a directory")
-    model, config, _ = model_of_store(like, device)
+    cluster = _ray_cluster(ray)
+    # on a cluster the model stays on this machine's CPU; the workers move it to ``device``
+    model, config, _ = model_of_store(like, device if cluster is None else "cpu")
     config = check_extraction_config(resolve_config(config))
     configure_threads()
+    keys = list(keys)
+    if cluster is not None:
+        with cluster.session(), contextlib.closing(cluster.iter_features(
+                model, image_root, keys, config, batch_size, skip_bad, autocast, device)) as features:
+            yield from features
+        return
     workers = default_workers() if workers is None else workers
     runner = inference_copy(model.to(device).eval())
-    yield from _extract_batches(runner, image_root, list(keys), config, batch_size, workers, skip_bad,
+    yield from _extract_batches(runner, image_root, keys, config, batch_size, workers, skip_bad,
                                 reduce=True, autocast=autocast)
 
 

@@ -9,6 +9,7 @@ import pytest
 from conftest import TEST_CONFIG
 from how_met.asmk.codebook import Codebook
 from how_met.asmk.indexing import build_index, index_from_records, records_from_images, records_from_stores
+from how_met.asmk.inverted_file import InvertedFile
 from how_met.asmk.query import query_store
 from how_met.asmk.records import RecordStore, RecordsError
 from how_met.features.extract import extract_to_store
@@ -151,3 +152,52 @@ def test_cli_streams_images_into_an_index(museum_small, museum_dir, tmp_path, ca
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["records_written"] == 0
     ranked = query_store(tmp_path / "index", m["tmp"] / "cb.npz", m["queries"], k=1, show_progress=False)
     assert isinstance(ranked, Neighbours) and set(ranked.db_keys) == set(m["db_keys"][:4])
+
+
+def _record_arrays(record):
+    feats = record.features
+    return {"words": record.words, "codes": record.codes, "feature_words": record.feature_words,
+            "descriptors": feats.descriptors, "strengths": feats.strengths, "locations": feats.locations,
+            "scales": feats.scales, "sizes": np.array([feats.image_size, feats.input_size])}
+
+
+def test_images_stream_into_records_on_ray_as_in_one_process(ray_local, museum_small, museum_dir, tmp_path,
+                                                             capsys):
+    """The streaming build with the network on Ray workers (units of 2 images, returning in any
+    order) and the records written by the driver: the same records, index and search results as
+    one process; ``how-met index --ray`` over the records then extracts nothing."""
+    from how_met.cli import main
+    from how_met.features.distributed import RayExtraction
+    m = museum_small
+    keys = m["db_keys"][:6]
+    one = records_from_images(museum_dir / "images", keys, m["db"], m["codebook"], tmp_path / "one.rec",
+                              descriptors="full", workers=0)
+    on_ray = records_from_images(museum_dir / "images", keys, m["db"], m["codebook"], tmp_path / "ray.rec",
+                                 descriptors="full", ray=RayExtraction(unit_images=2))
+    assert one == on_ray == {"written": len(keys), "skipped": 0}
+    with RecordStore(tmp_path / "one.rec") as a, RecordStore(tmp_path / "ray.rec") as b:
+        assert a.settings == b.settings and a.keys() == b.keys() == keys
+        for key in keys:
+            expected, got = _record_arrays(a.read(key)), _record_arrays(b.read(key))
+            for name in expected:
+                np.testing.assert_array_equal(got[name], expected[name], err_msg=f"{key} {name}")
+    folder = tmp_path / "photos"
+    for key in keys:
+        (folder / key).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(museum_dir / "images" / key, folder / key)
+    assert main(["index", "--images", str(folder), "--like", str(m["db"]), "--codebook", str(m["tmp"] / "cb.npz"),
+                 "--records", str(tmp_path / "ray.rec"), "--record-descriptors", "full",
+                 "--out", str(tmp_path / "ray-index"), "--ray"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["images"] == len(keys) and summary["records_written"] == 0  # every image recorded
+    indexes = [index_from_records(tmp_path / "one.rec", tmp_path / "one-index", show_progress=False),
+               tmp_path / "ray-index"]
+    _assert_same_index(InvertedFile.load(indexes[1]), indexes[0])
+    found = [query_store(index, m["codebook"], m["queries"], k=3, show_progress=False) for index in indexes]
+    assert found[0].db_keys == found[1].db_keys
+    np.testing.assert_array_equal(found[0].indices, found[1].indices)
+    np.testing.assert_array_equal(found[0].scores, found[1].scores)
+    assert (found[0].indices[:, 0] >= 0).any()  # queries whose painting is among the six are answered
+    assert main(["index", "--features", str(m["db"]), "--codebook", str(m["tmp"] / "cb.npz"),
+                 "--out", str(tmp_path / "x"), "--ray"]) == 1
+    assert "--ray runs the network" in capsys.readouterr().err and not (tmp_path / "x").exists()

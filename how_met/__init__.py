@@ -2,7 +2,8 @@
 
 The package follows the data flow: ``features`` (images -> HDF5 feature store) -> ``asmk``
 (codebook -> inverted file -> ranked neighbours) -> ``verify`` (spatial reranking) ->
-``recognition`` (kNN classifier, GAP, tuning) -> ``pipeline`` (evaluate, report, demo).
+``recognition`` (kNN classifier, GAP, tuning) -> ``pipeline`` (evaluate, report, demo);
+``training`` trains the HOW network of ``features`` (the model file it writes feeds the rest).
 The main objects are importable from here, e.g. ``from how_met import Codebook``; each is
 loaded on first use, so importing ``how_met`` costs nothing.
 """
@@ -33,6 +34,8 @@ _EXPORTS = {
     "global_neighbours": "recognition.global_search",
     "knn_predict": "recognition.knn", "evaluate_predictions": "recognition.metrics",
     "Recogniser": "recognition.recogniser", "build_recogniser": "recognition.recogniser",
+    "train_model": "training.trainer", "training_images": "training.data",
+    "TrainingSettings": "training.settings",
     "run_evaluation": "pipeline.evaluate", "query_images": "pipeline.query",
     "write_report": "pipeline.report", "run_demo": "pipeline.demo",
 }

@@ -87,8 +87,6 @@ def configure_threads(n: Optional[int] = None) -> int:
     global _configured_threads
     n = free_cores() if n is None else max(1, int(n))
     _configured_threads = n
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(n)
     try:
         import faiss
         faiss.omp_set_num_threads(n)
@@ -99,6 +97,11 @@ def configure_threads(n: Optional[int] = None) -> int:
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     except ImportError:
         pass
+    # torch last: the first import of faiss or numba resets torch's pool to every core (measured:
+    # set to 1, then 2 after `import faiss, numba` on this 2-core machine -- ten times slower
+    # training steps on a loaded machine)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
     return n
 
 

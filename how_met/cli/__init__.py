@@ -12,10 +12,11 @@ import signal
 import sys
 
 from ..utils import setup_logging
-from . import evaluation, features, recognition, search
+from . import evaluation, features, recognition, search, training
 
 # Order is the order of the pipeline.
-COMMANDS = {**features.COMMANDS, **search.COMMANDS, **evaluation.COMMANDS, **recognition.COMMANDS}
+COMMANDS = {**features.COMMANDS, **training.COMMANDS, **search.COMMANDS, **evaluation.COMMANDS,
+            **recognition.COMMANDS}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import torch
 
 from .backbones import BACKBONES
-from .network import HOWNet, ModelConfig, model_fingerprint
+from .network import IMAGENET_MEAN, IMAGENET_STD, HOWNet, ModelConfig, model_fingerprint
 from .settings import SHIPPED_MODELS
 from .shipped import load_shipped_model
 from ..utils import atomic_path
@@ -142,14 +142,45 @@ def model_from_payload(payload: dict, source="the model", device: str = "cpu") -
     return model.to(device).eval()
 
 
-def save_model(model: HOWNet, path: os.PathLike) -> None:
-    """Save a how-met model (weights + config + learned whitening), loadable without pickle."""
-    payload = model_payload(model)
+def write_checkpoint(payload: dict, path: os.PathLike) -> None:
+    """``torch.save`` of plain tensors, numbers, strings, lists and dicts (what
+    ``torch.load(weights_only=True)`` reads back), atomically."""
     with atomic_path(path) as tmp:
         # A file object, not the path: torch names the zip's top folder after the file, and
         # the temporary name holds the process id -- the bytes would differ on every run.
         with open(tmp, "wb") as fh:
             torch.save(payload, fh)
+
+
+def save_model(model: HOWNet, path: os.PathLike) -> None:
+    """Save a how-met model (weights + config + learned whitening), loadable without pickle."""
+    write_checkpoint(model_payload(model), path)
+
+
+def check_official_layout(backbone: str) -> None:
+    """Refuse a backbone the official HOW checkpoint layout cannot describe (it knows ResNets)."""
+    if BACKBONES[backbone][0] != "resnet":
+        raise ValueError(f"the official HOW checkpoint layout describes ResNet trunks only, not "
+                         f"{backbone}: use the how-met model file")
+
+
+def save_official(model: HOWNet, path: os.PathLike) -> None:
+    """Save a ResNet HOW model in the official HOW checkpoint layout (the "net_params" one that
+    ``how_r18.pth`` uses), for the HOW and ASMK reference code. That layout knows ResNet trunks
+    only: other backbones are refused (their how-met file is the one to share)."""
+    check_official_layout(model.config.backbone)
+    if not model.has_whitening:
+        raise ValueError("the model has no learned whitening: the official layout needs its reduction layer")
+    state = {f"features.{k}": v.detach().cpu() for k, v in model.trunk.features.state_dict().items()}
+    state["dim_reduction.weight"] = model.dim_reduction.weight.detach().cpu()
+    state["dim_reduction.bias"] = model.dim_reduction.bias.detach().cpu()
+    write_checkpoint({
+        "net_params": {"architecture": BACKBONES[model.config.backbone][1],
+                       "skip_layer": int(model.config.layer == "layer3"), "dim": int(model.config.dim),
+                       "pretrained": False, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "state_dict": state,
+        "_version": "how/2020",
+    }, path)
 
 
 def build_model(backbone: str = "efficientnet-lite0", layer: Optional[str] = None, dim: int = 128,

@@ -7,24 +7,24 @@ from pathlib import Path
 
 from ..features import settings as feature_settings
 from ..training.settings import TrainingSettings
-from .options import Command
+from .options import NON_NEGATIVE, POSITIVE, Command
 
 _DEFAULTS = TrainingSettings()
 # option -> (TrainingSettings field, type, help)
 _SETTINGS_OPTIONS = {
-    "--epochs": ("epochs", int, "epochs (a rerun with more continues the saved run)"),
-    "--tuples": ("tuples_per_epoch", int, "tuples (query, positive, negatives) per epoch"),
-    "--pool": ("pool_size", int, "images hard negatives are mined from, redrawn every epoch"),
-    "--negatives": ("negatives", int, "hard negatives per tuple"),
-    "--tuples-per-step": ("tuples_per_step", int, "tuples whose gradients make one Adam step (memory holds one tuple)"),
+    "--epochs": ("epochs", POSITIVE, "epochs (a rerun with more continues the saved run)"),
+    "--tuples": ("tuples_per_epoch", POSITIVE, "tuples (query, positive, negatives) per epoch"),
+    "--pool": ("pool_size", POSITIVE, "images hard negatives are mined from, redrawn every epoch"),
+    "--negatives": ("negatives", POSITIVE, "hard negatives per tuple"),
+    "--tuples-per-step": ("tuples_per_step", POSITIVE, "tuples whose gradients make one Adam step (memory holds one tuple)"),
     "--lr": ("lr", float, "Adam learning rate"),
     "--weight-decay": ("weight_decay", float, "Adam weight decay"),
     "--lr-decay": ("lr_decay", float, "learning-rate factor per epoch"),
     "--margin": ("margin", float, "contrastive loss margin"),
-    "--image-size": ("image_size", int, "longer side of training images (default: the config's image size)"),
-    "--val-images": ("val_images", int, "training images held out as synthetic validation queries when the "
+    "--image-size": ("image_size", POSITIVE, "longer side of training images (default: the config's image size)"),
+    "--val-images": ("val_images", NON_NEGATIVE, "training images held out as synthetic validation queries when the "
                                         "data has no validation split and no --val-data is given (0: none)"),
-    "--seed": ("seed", int, "seed of tuples, pools, augmentations and the validation hold-out"),
+    "--seed": ("seed", NON_NEGATIVE, "seed of tuples, pools, augmentations and the validation hold-out"),
 }
 
 

@@ -186,3 +186,13 @@ def test_augmentation_is_seeded_and_follows_the_recipe():
     assert not torch.equal(a, augment(pixels, 64, seeded(0, 2)))
     gray = augment(pixels, 64, seeded(0, 1), grayscale_p=1.0, jitter_p=0.0)
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+
+
+def test_train_refuses_bad_counts_and_no_images(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--images", str(tmp_path), "--out", str(tmp_path / "m.pt"), "--tuples", "0"])
+    assert stop.value.code == 2 and "--tuples: expected an integer >= 1, got 0" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "m.pt")]) == 1
+    assert "give training images" in capsys.readouterr().err
+    assert main(["train", "--images", str(tmp_path), "--out", str(tmp_path / "m.pt")]) == 1
+    assert "no images to train on" in capsys.readouterr().err

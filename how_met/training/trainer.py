@@ -215,8 +215,9 @@ def train_model(images: TrainingImages, out: os.PathLike, settings: Optional[Tra
         if validation is None or record["val_GAP"] > best["val_GAP"]:
             best = {"epoch": epoch, "val_GAP": record.get("val_GAP")}
             save_model(model, out)
-        logger.info("epoch %d: loss %.4f, %.2f s/tuple, validation GAP %s (best: epoch %d)", epoch,
-                    record["loss"], record["s_per_tuple"], record.get("val_GAP", "-"), best["epoch"])
+        validated = f", validation GAP {record['val_GAP']:.1f} (best: epoch {best['epoch']})" if validation else ""
+        logger.info("epoch %d: loss %.4f, %.2f s/tuple (%.2f CPU s)%s", epoch, record["loss"],
+                    record["s_per_tuple"], record["cpu_s_per_tuple"], validated)
         _save_state(state_path, model, optimizer, epoch, identity, start_fingerprint, history, best)
         write_json(history_path, {"validation": validation and validation.description, "epochs": history})
     if official_out is not None:

@@ -34,8 +34,8 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from ..features.checkpoints import (build_model, check_official_layout, load_model, save_model, save_official,
-                                    write_checkpoint)
+from ..features.checkpoints import (build_model, check_official_layout, load_model, model_from_payload,
+                                    model_payload, save_model, save_official, write_checkpoint)
 from ..features.extract import learn_whitening
 from ..features.network import HOWNet, ModelConfig, model_fingerprint
 from ..features.settings import resolve_config
@@ -125,10 +125,8 @@ def _identity(settings: TrainingSettings, images: TrainingImages, validation: Op
 def _save_state(path: Path, model: HOWNet, optimizer, epoch: int, identity: str, start_fingerprint: str,
                 history: list, best: dict) -> None:
     write_checkpoint({"format": STATE_FORMAT, "identity": identity, "start_fingerprint": start_fingerprint,
-                      "config": json.dumps(asdict(model.config)), "epoch": epoch,
-                      "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                      "optimizer": optimizer.state_dict(), "history": json.dumps(history),
-                      "best": json.dumps(best)}, path)
+                      "epoch": epoch, "model": model_payload(model), "optimizer": optimizer.state_dict(),
+                      "history": json.dumps(history), "best": json.dumps(best)}, path)
 
 
 def _load_state(path: Path, identity: str, model: Optional[HOWNet], device: str) -> dict:
@@ -144,9 +142,7 @@ def _load_state(path: Path, identity: str, model: Optional[HOWNet], device: str)
                          f"model); remove it or write the model elsewhere (--out)")
     if model is not None and model.has_whitening and model_fingerprint(model) != state["start_fingerprint"]:
         raise ValueError(f"{path}: that run started from another model than the one given")
-    resumed = HOWNet(ModelConfig(**json.loads(state["config"])), imagenet=False)
-    resumed.load_state_dict(state["model"])
-    state["model"] = resumed.to(device)
+    state["model"] = model_from_payload(state["model"], path, device)
     return state
 
 

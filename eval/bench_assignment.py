@@ -2,6 +2,7 @@
 
     python eval/bench_assignment.py --codebook CB.npz --features F.h5 --data ../shared/data/museum
     python eval/bench_assignment.py ... --nprobe 4 16 64 --ef-search 64 256 --threads 1
+    python eval/bench_assignment.py ... --nlist 1024 4096 --hnsw-m 16 32 64   # sweeps of the structure
 
 Query side: recall@5 = fraction of the exact 5 nearest words found by the search (query
 multiple assignment 5), on ``--samples`` random query descriptors. Database side: top-1
@@ -40,7 +41,11 @@ def main(argv=None) -> int:
     p.add_argument("--data", type=Path, required=True, help="Met-format directory (database and query keys)")
     p.add_argument("--samples", type=int, default=20000, help="query and database descriptors each")
     p.add_argument("--nprobe", type=int, nargs="*", default=[4, 16, 64, 128])
+    p.add_argument("--nlist", type=int, nargs="*", default=[None],
+                   help="IVF lists (default: the codebook's own, K / 16); each with every --nprobe")
     p.add_argument("--ef-search", type=int, nargs="*", default=[32, 128, 256, 512])
+    p.add_argument("--hnsw-m", type=int, nargs="*", default=[None],
+                   help="HNSW graph degrees M (default: the codebook's own, 32); each with every --ef-search")
     p.add_argument("--threads", type=int, help="threads (default: how_met.utils.configure_threads())")
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args(argv)
@@ -50,18 +55,26 @@ def main(argv=None) -> int:
     with FeatureStore(args.features) as store:
         queries = _sample(store, ds.query_keys, args.samples, rng)
         database = _sample(store, ds.db_keys, args.samples, rng)
-    searches = [{"method": "exact"}] + [{"method": "ivf", "nprobe": n} for n in args.nprobe] + \
-               [{"method": "hnsw", "ef_search": ef} for ef in args.ef_search]
+    def search(method, **settings):  # settings left at None: the codebook's own
+        return {"method": method, **{k: v for k, v in settings.items() if v is not None}}
+    searches = [search("exact")] + \
+        [search("ivf", nlist=nlist, nprobe=n) for nlist in args.nlist for n in args.nprobe] + \
+        [search("hnsw", hnsw_m=m, ef_search=ef) for m in args.hnsw_m for ef in args.ef_search]
     words = len(Codebook.load(args.codebook).centroids)
     print(f"# {words:,} words, {len(queries):,} query / {len(database):,} database descriptors, "
           f"{threads} thread(s)")
     print("| search | query recall@5 | database top-1 | query ms/image | database ms/image |")
     print("|---|---:|---:|---:|---:|")
     rows, exact = [], {}  # the first search is the exact one: its ids are the reference
-    for search in searches:
-        cb = Codebook.load(args.codebook, **search)
-        cb.assign(queries[:1], 1)  # build the search index outside the timing
-        row = dict(search)
+    built = {}  # one search structure per (method, nlist / M): the probe and ef sweeps reuse it
+    for settings in searches:
+        structure = (settings["method"], settings.get("nlist"), settings.get("hnsw_m"))
+        if structure not in built:
+            cb = built[structure] = Codebook.load(args.codebook, **settings)
+            cb.assign(queries[:1], 1)  # build the search index outside the timing
+        cb = built[structure]
+        cb.nprobe, cb.ef_search = settings.get("nprobe", cb.nprobe), settings.get("ef_search", cb.ef_search)
+        row = dict(settings)
         for side, desc, k in (("query", queries, 5), ("db", database, 1)):
             started = time.perf_counter()
             ids = cb.assign(desc, k)
@@ -73,7 +86,7 @@ def main(argv=None) -> int:
             else:
                 row["top1"] = top1
         rows.append(row)
-        label = ", ".join(f"{k} {v}" for k, v in search.items())
+        label = ", ".join(f"{k} {v}" for k, v in settings.items())
         print(f"| {label} | {row['recall5']:.4f} | {row['top1']:.4f} | {row['query_ms_per_image']:.0f} | "
               f"{row['db_ms_per_image']:.0f} |", flush=True)
     if args.json:

@@ -175,3 +175,38 @@ def test_cli_sizes_the_codebook_like_evaluate_and_logs_too_few_points(tmp_path, 
     # 1200 descriptors less the 60 (1 in 20) held out for the recall measurement
     assert any("1140 training descriptors for 1024 words" in r.getMessage() and "--size 16" in r.getMessage()
                for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_auto_assignment_of_a_large_codebook_keeps_recall_on_real_descriptors(tmp_path, museum_dir, whitened_model):
+    """8,192 words (where round 1 switched to IVF with 4 probes: recall@5 0.69 on real museum
+    descriptors) trained on real HOW descriptors of museum photos: the search ``auto`` chooses
+    is recorded in the file with its recall on held-out descriptors of the training store, and
+    on descriptors of photos never trained on it finds the brute-force nearest words."""
+    from conftest import TEST_CONFIG
+    from how_met.asmk.codebook import train_codebook
+    from how_met.features.extract import extract_to_store
+
+    database = [e["path"] for e in json.loads((museum_dir / "database.json").read_text())]
+    queries = [q["path"] for q in json.loads((museum_dir / "queries.json").read_text())]
+    config = {**TEST_CONFIG, "features_num": 600}  # ~460 per photo at these scales: 20 photos > 8,192 + held out
+    train_store, other_store = tmp_path / "train.h5", tmp_path / "other.h5"
+    extract_to_store(museum_dir / "images", database[:20], train_store, config=config, model=whitened_model, workers=0)
+    extract_to_store(museum_dir / "images", queries[:2], other_store, config=config, model=whitened_model, workers=0)
+
+    cb, path = train_codebook(train_store, size=8192, iterations=2, out=tmp_path / "cb.npz")
+    recorded = json.loads(path.with_suffix(".json").read_text())
+    back = Codebook.load(path)
+    assert recorded["search"]["method"] == "auto" and len(back.centroids) == 8192
+    recall = recorded["assignment_recall"]
+    assert recall["method"] == back.method == cb.method  # the choice, as the file records it
+    assert recall["descriptors"] == recorded["training_set"]["held_out"] > 0
+    assert recall["recall"] >= 0.99 and recall["top1"] >= 0.99
+
+    with FeatureStore(other_store) as store:
+        unseen = np.concatenate([store.descriptors(k) for k in store.keys()]).astype(np.float64)
+    full = (unseen ** 2).sum(1)[:, None] - 2 * unseen @ back.centroids.T.astype(np.float64) \
+        + (back.centroids.astype(np.float64) ** 2).sum(1)[None]
+    brute = np.argsort(full, axis=1, kind="stable")[:, :5]
+    recall5 = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(back.assign(unseen, 5), brute)])
+    top1 = np.mean(back.assign(unseen, 1)[:, 0] == brute[:, 0])
+    assert len(unseen) > 500 and recall5 >= 0.99 and top1 >= 0.99

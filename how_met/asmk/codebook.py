@@ -6,7 +6,7 @@ by name for large codebooks where the exact scan dominates query time:
 
 - ``"ivf"``: the centroids grouped by a second, coarse k-means into lists of ~16 (K / 16 lists);
   each descriptor scans the ``nprobe`` lists with the nearest coarse centroids;
-- ``"hnsw"``: a faiss HNSW graph over the centroids (M 32, ``ef_search``).
+- ``"hnsw"``: a faiss HNSW graph over the centroids (M ``hnsw_m``, ``ef_search``).
 
 ``"auto"`` (the default) is exact at every size: on real HOW descriptors (README "Fidelity:
 word assignment") the approximate searches kept query recall@5 and database top-1 agreement

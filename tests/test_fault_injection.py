@@ -38,7 +38,7 @@ _RUNNER = textwrap.dedent("""
             return extract(self, *args, **kwargs)
         network.HOWNet.extract = patched
     elif point in ("after-image", "torn-image", "slow"):
-        append = store._Journal._append
+        append = store.Journal._append
         def patched(self, header, payload):
             if header.get("type") != "image":
                 return append(self, header, payload)
@@ -56,7 +56,7 @@ _RUNNER = textwrap.dedent("""
                     open(os.environ["HOW_MET_FAULT_MARK"], "w").close()
                 time.sleep(0.3)
             return out
-        store._Journal._append = patched
+        store.Journal._append = patched
     elif point in ("before-rename", "after-rename"):  # around a file's final rename
         replace = os.replace
         target = os.environ["HOW_MET_FAULT_TARGET"]

@@ -23,7 +23,7 @@ Bytes per image (1,000 features, ~700 aggregated vectors, D = 128; measured by
 ``eval/bench_scale.py``, printed as ``record_bytes_per_image``): "none" ~22 KB, "int8" ~154 KB,
 "full" ~278 KB (float16) -- the raw float16 store holds ~268 KB.
 
-The file is an append-only journal (``how_met.features.store._Journal``: framed, checksummed
+The file is an append-only journal (``how_met.features.journal.Journal``: framed, checksummed
 records, handed to the OS after every image), so a build killed at any moment keeps every
 finished image and a rerun skips them; reading one record is one seek and one read (I/O
 proportional to the records read). The file's attributes record the format, the descriptor
@@ -39,13 +39,13 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from ..features.store import FeatureStoreError, LocalFeatures, _Journal, open_store
+from ..features.journal import MAGIC, Journal
+from ..features.store import FeatureStoreError, LocalFeatures, open_store
 from ..utils import writer_lock
 
 FORMAT = "how-met-records"
 FORMAT_VERSION = 1
 DESCRIPTOR_KINDS = ("int8", "full", "none")
-_MAGIC = b"HMJ1"  # the journal's frame magic: a records file starts with it, an HDF5 store does not
 
 
 class RecordsError(FeatureStoreError):
@@ -104,7 +104,7 @@ class RecordStore:
         try:
             if self.path.exists() and self.path.stat().st_size and not is_records_file(self.path):
                 raise RecordsError(f"{self.path}: not a how-met records file")
-            self._journal = _Journal(self.path, repair=mode == "a")
+            self._journal = Journal(self.path, repair=mode == "a")
             self._check_settings(settings)
         except BaseException:
             self.close()
@@ -261,7 +261,7 @@ def is_records_file(path: os.PathLike) -> bool:
     """Whether ``path`` is a records file (by its first bytes; an HDF5 store starts otherwise)."""
     try:
         with open(path, "rb") as fh:
-            return fh.read(len(_MAGIC)) == _MAGIC
+            return fh.read(len(MAGIC)) == MAGIC
     except (IsADirectoryError, FileNotFoundError):
         return False
 

@@ -9,7 +9,8 @@ import torch
 
 from how_met.features.extract import extract_to_store
 from how_met.features.network import strongest
-from how_met.features.store import FeatureStore, FeatureStoreError, _Journal, journal_path, merge_stores
+from how_met.features.journal import Journal
+from how_met.features.store import FeatureStore, FeatureStoreError, journal_path, merge_stores
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +115,7 @@ def test_resume_after_interruption(tmp_path, museum_dir, museum_keys, whitened_m
     monkeypatch.setattr(extract_module, "_to_local_features", original)
     with pytest.raises(FeatureStoreError, match="rerun the same extract command"):
         FeatureStore(out)  # readers are told the store is unfinished
-    assert len(_Journal(journal_path(out)).images) == 2  # two complete images, nothing half-written
+    assert len(Journal(journal_path(out)).images) == 2  # two complete images, nothing half-written
     stats = extract_to_store(museum_dir / "images", museum_keys, out, config=TEST_CONFIG,
                              model=whitened_model, workers=0)
     assert stats["skipped_existing"] == 2 and stats["extracted"] == 2

@@ -149,7 +149,7 @@ def _extract_batches(model: HOWNet, image_root: Path, keys: Sequence[str], confi
             return batch, model.extract(images, config["scales"], features_num or config["features_num"],
                                         gem=config.get("gem", True), reduce=reduce,
                                         resize_rule=config.get("resize_rule", DEFAULT_RESIZE_RULE),
-                                        upscale_limit=(config["image_size"] or None) if config.get("upscale_to_image_size") else None)
+                                        upscale_limit=upscale_limit(config))
 
     bar = progress(total=len(keys), desc=desc, unit="img")
     try:
@@ -176,6 +176,12 @@ def inference_copy(model: HOWNet) -> HOWNet:
     return runner
 
 
+def upscale_limit(config: dict) -> Optional[int]:
+    """The longest side a scale above 1 may reach (None: no limit), as every extraction path
+    applies it (identify used to ignore it and extracted other features than evaluate)."""
+    return (config["image_size"] or None) if config.get("upscale_to_image_size") else None
+
+
 def extract_image(model: HOWNet, image, config=None) -> LocalFeatures:
     """The features of one image -- a path, a PIL image or an (H, W, 3) uint8 RGB array -- as
     ``extract_to_store`` computes them (pass ``inference_copy(model)`` for speed)."""
@@ -186,7 +192,8 @@ def extract_image(model: HOWNet, image, config=None) -> LocalFeatures:
         pixels, original = image_array(image, config["image_size"])
     tensor = torch.from_numpy(pixels.copy()).permute(2, 0, 1)
     out = model.extract(tensor[None], config["scales"], config["features_num"], gem=config.get("gem", True),
-                        resize_rule=config.get("resize_rule", DEFAULT_RESIZE_RULE))[0]
+                        resize_rule=config.get("resize_rule", DEFAULT_RESIZE_RULE),
+                        upscale_limit=upscale_limit(config))[0]
     return _to_local_features(out, original, (int(tensor.shape[2]), int(tensor.shape[1])), config.get("gem", True))
 
 

@@ -202,3 +202,20 @@ def test_bad_images_skip_or_fail(tmp_path, whitened_model):
     with FeatureStore(tmp_path / "b.h5") as store:
         assert store.keys() == ["good.jpg"]
 
+
+
+def test_one_photo_is_extracted_as_the_store_extracts_it_with_upscales(tmp_path, museum_dir, museum_keys,
+                                                                       whitened_model):
+    """extract_image (identify, query --images) used to ignore the upscale limit: a photo larger
+    than image_size got scale-2 features that the stored queries (and evaluate) never had."""
+    from how_met.features.extract import extract_image
+    config = {**TEST_CONFIG, "scales": [2.0, 1.0, 0.5], "upscale_to_image_size": True}
+    out = tmp_path / "up.h5"
+    extract_to_store(museum_dir / "images", museum_keys[:1], out, config=config, model=whitened_model, workers=0)
+    one = extract_image(whitened_model, museum_dir / "images" / museum_keys[0], config)
+    with FeatureStore(out) as store:
+        stored = store.read(museum_keys[0], with_global=False)
+    assert max(stored.input_size) * 2 > config["image_size"]  # the upscale is out of bounds here
+    assert set(np.unique(stored.scales)) <= {1.0, 0.5}
+    assert np.array_equal(one.scales, stored.scales) and np.array_equal(one.locations, stored.locations)
+    assert np.abs(one.descriptors - stored.descriptors).max() < 1e-2

@@ -146,10 +146,7 @@ def _extract_batches(model: HOWNet, image_root: Path, keys: Sequence[str], confi
         ctx = (torch.autocast(model.device.type, dtype=torch.bfloat16) if autocast
                else torch.autocast(model.device.type, enabled=False))
         with ctx:  # autocast state is per thread: entered here, in the worker
-            return batch, model.extract(images, config["scales"], features_num or config["features_num"],
-                                        gem=config.get("gem", True), reduce=reduce,
-                                        resize_rule=config.get("resize_rule", DEFAULT_RESIZE_RULE),
-                                        upscale_limit=upscale_limit(config))
+            return batch, _extract_with_config(model, images, config, features_num, reduce)
 
     bar = progress(total=len(keys), desc=desc, unit="img")
     try:
@@ -176,10 +173,15 @@ def inference_copy(model: HOWNet) -> HOWNet:
     return runner
 
 
-def upscale_limit(config: dict) -> Optional[int]:
-    """The longest side a scale above 1 may reach (None: no limit), as every extraction path
-    applies it (identify used to ignore it and extracted other features than evaluate)."""
-    return (config["image_size"] or None) if config.get("upscale_to_image_size") else None
+def _extract_with_config(model: HOWNet, images: torch.Tensor, config: dict,
+                         features_num: Optional[int] = None, reduce: bool = True):
+    """``model.extract`` with every setting of an extraction config: the one call of the store
+    path and the one-photo path (identify, query --images), so that they cannot drift apart --
+    the one-photo path once ignored the upscale limit and extracted other features than evaluate."""
+    upscale_limit = (config["image_size"] or None) if config.get("upscale_to_image_size") else None
+    return model.extract(images, config["scales"], features_num or config["features_num"],
+                         gem=config.get("gem", True), reduce=reduce,
+                         resize_rule=config.get("resize_rule", DEFAULT_RESIZE_RULE), upscale_limit=upscale_limit)
 
 
 def extract_image(model: HOWNet, image, config=None) -> LocalFeatures:
@@ -191,9 +193,7 @@ def extract_image(model: HOWNet, image, config=None) -> LocalFeatures:
     else:
         pixels, original = image_array(image, config["image_size"])
     tensor = torch.from_numpy(pixels.copy()).permute(2, 0, 1)
-    out = model.extract(tensor[None], config["scales"], config["features_num"], gem=config.get("gem", True),
-                        resize_rule=config.get("resize_rule", DEFAULT_RESIZE_RULE),
-                        upscale_limit=upscale_limit(config))[0]
+    out = _extract_with_config(model, tensor[None], config)[0]
     return _to_local_features(out, original, (int(tensor.shape[2]), int(tensor.shape[1])), config.get("gem", True))
 
 

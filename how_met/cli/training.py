@@ -39,6 +39,8 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     src.add_argument("--images", type=Path, action="append",
                      help="folder of unlabelled images (synthetic pairs only, e.g. ../shared/data/corpus); repeatable")
     src.add_argument("--skip-missing", action="store_true", help="skip listed images that are not on disk")
+    src.add_argument("--skip-bad", action="store_true",
+                     help="skip unreadable images (logged by name) instead of stopping")
     p.add_argument("--out", "-o", type=Path, required=True,
                    help="model file to write (the best epoch; state and history beside it)")
     p.add_argument("--val-data", type=Path, help="Met-format directory whose val (else all) queries choose the "
@@ -87,8 +89,10 @@ def _run_train(args) -> int:
         build_model(**config["model"], device=args.device)
     settings = TrainingSettings(**{field: getattr(args, field) for field, _, _ in _SETTINGS_OPTIONS.values()})
     result = train_model(images, args.out, settings, model=model, config=config, validation=validation,
-                         device=args.device, autocast=args.bf16, official_out=args.official)
-    print(json.dumps({k: result[k] for k in ("out", "best_epoch", "best_val_GAP")}))
+                         device=args.device, autocast=args.bf16, official_out=args.official,
+                         skip_bad=args.skip_bad)
+    printed = {k: result[k] for k in ("out", "best_epoch", "best_val_GAP")}
+    print(json.dumps({**printed, "skipped_images": len(result["skipped_images"])}))
     return 0
 
 

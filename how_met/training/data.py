@@ -9,6 +9,7 @@ with synthetic pairs only.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -20,8 +21,10 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from ..datasets import Dataset
-from ..features.images import image_file, list_images, load_image
+from ..features.images import ImageError, image_file, list_images, load_image
 from .settings import CROP_RATIO, CROP_SCALE, GRAYSCALE_P, JITTER, JITTER_P
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -144,3 +147,32 @@ def image_of(root: Path, key: str, image_size: int, augmentation: Optional[Seque
     if augmentation is None:
         return pixels
     return augment(pixels, image_size, seeded(*augmentation), crop_scale)
+
+
+class BadImages:
+    """The training images that could not be read. With ``skip`` (``--skip-bad``) an unreadable
+    image is logged once, naming it, and takes no part (no tuple, negative or validation image
+    uses it); without, the first one stops training with its one-line error. Which images are
+    bad is found as they are read, so a run's tuples, pools and seeds do not depend on it."""
+
+    def __init__(self, skip: bool = False):
+        self.skip = skip
+        self.keys: set = set()
+
+    def load(self, root: Path, key: str, image_size: int, augmentation: Optional[Sequence[int]] = None,
+             crop_scale: Tuple[float, float] = CROP_SCALE) -> Optional[torch.Tensor]:
+        """``image_of``, or None for an unreadable image when skipping."""
+        if key in self.keys:
+            return None
+        try:
+            return image_of(root, key, image_size, augmentation, crop_scale)
+        except ImageError as exc:
+            if not self.skip:
+                raise ImageError(f"{exc} (use --skip-bad to train without it)") from None
+            self.keys.add(key)
+            logger.warning("skipping %s", exc)
+            return None
+
+    def kept(self, keys: Sequence[str]) -> np.ndarray:
+        """bool per key: not found unreadable."""
+        return np.array([key not in self.keys for key in keys], bool)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..features.network import HOWNet
 from ..utils import progress
-from .data import image_of
+from .data import BadImages
 from .settings import CROP_SCALE
 
 
@@ -52,14 +52,18 @@ def contrastive_loss(query: torch.Tensor, positive: torch.Tensor, negatives: tor
 @torch.no_grad()
 def describe(model: HOWNet, root: Path, keys: Sequence[str], image_size: int, autocast: bool = False,
              augmentations: Optional[Sequence[Sequence[int]]] = None,
-             crop_scale: Tuple[float, float] = CROP_SCALE, desc: str = "describe") -> np.ndarray:
+             crop_scale: Tuple[float, float] = CROP_SCALE, desc: str = "describe",
+             bad: Optional[BadImages] = None) -> np.ndarray:
     """(n, dim) float32 training descriptors of images: plain, or each augmented with its seed
-    (crops of ``crop_scale``)."""
+    (crops of ``crop_scale``). An unreadable image raises, or with a skipping ``bad`` is added
+    to it and leaves its row zero (``bad.kept(keys)`` says which rows hold descriptors)."""
+    bad = bad or BadImages()
     out = np.zeros((len(keys), model.config.dim), np.float32)
     for i, key in enumerate(progress(keys, desc=desc, unit="img")):
         seed = None if augmentations is None else augmentations[i]
-        pixels = image_of(root, key, image_size, seed, crop_scale)
-        out[i] = pooled_descriptor(model, pixels, autocast).cpu().numpy()
+        pixels = bad.load(root, key, image_size, seed, crop_scale)
+        if pixels is not None:
+            out[i] = pooled_descriptor(model, pixels, autocast).cpu().numpy()
     return out
 
 

@@ -40,7 +40,7 @@ from ..features.extract import learn_whitening
 from ..features.network import HOWNet, ModelConfig, model_fingerprint
 from ..features.settings import resolve_config
 from ..utils import configure_threads, progress, write_json
-from .data import TrainingImages, image_of
+from .data import BadImages, TrainingImages
 from .objective import contrastive_loss, describe, hard_negatives, pooled_descriptor
 from .settings import TrainingSettings
 from .validation import ValidationSet, synthetic_validation, validation_gap
@@ -74,44 +74,61 @@ def _epoch_draw(images: TrainingImages, pairs: np.ndarray, settings: TrainingSet
 
 
 def _train_epoch(model: HOWNet, optimizer, images: TrainingImages, pairs: np.ndarray,
-                 settings: TrainingSettings, epoch: int, image_size: int, autocast: bool, epochs: int) -> dict:
+                 settings: TrainingSettings, epoch: int, image_size: int, autocast: bool, epochs: int,
+                 bad: BadImages) -> dict:
     chosen, pool = _epoch_draw(images, pairs, settings, epoch)
     started = time.perf_counter()
-    pool_desc = describe(model, images.root, [images.keys[i] for i in pool], image_size, autocast,
-                         desc=f"epoch {epoch}: negative pool")
+    pool_keys = [images.keys[i] for i in pool]
+    pool_desc = describe(model, images.root, pool_keys, image_size, autocast,
+                         desc=f"epoch {epoch}: negative pool", bad=bad)
+    readable = bad.kept(pool_keys)  # an unreadable image is no negative
+    pool, pool_desc = pool[readable], pool_desc[readable]
     query_desc = describe(model, images.root, [images.keys[i] for i in chosen[:, 0]], image_size, autocast,
-                          desc=f"epoch {epoch}: queries")
+                          desc=f"epoch {epoch}: queries", bad=bad)
     negatives = hard_negatives(query_desc, images.labels[chosen[:, 0]], pool_desc, images.labels[pool],
                                settings.negatives)
     mining_s = time.perf_counter() - started
     for group in optimizer.param_groups:
         group["lr"] = settings.lr * settings.lr_decay ** (epoch - 1)
     started, cpu_started = time.perf_counter(), time.process_time()
-    losses = []
+    losses, pending, skipped = [], 0, 0
     bar = progress(total=len(chosen), desc=f"epoch {epoch}/{epochs}", unit="tuple")
     optimizer.zero_grad(set_to_none=True)
     for t, ((query, positive), negative_rows) in enumerate(zip(chosen, negatives)):
         synthetic = query == positive  # two augmentations of one image
         seeds = ((settings.seed, epoch, t, 0), (settings.seed, epoch, t, 1)) if synthetic else (None, None)
-        tuple_images = [image_of(images.root, images.keys[query], image_size, seeds[0]),
-                        image_of(images.root, images.keys[positive], image_size, seeds[1])]
-        tuple_images += [image_of(images.root, images.keys[pool[j]], image_size) for j in negative_rows if j >= 0]
-        descriptors = torch.stack([pooled_descriptor(model, pixels, autocast) for pixels in tuple_images])
+        pair = [bad.load(images.root, images.keys[query], image_size, seeds[0]),
+                bad.load(images.root, images.keys[positive], image_size, seeds[1])]
+        if pair[0] is None or pair[1] is None:  # only when skipping unreadable images
+            skipped += 1
+            bar.update(1)
+            continue
+        tuple_images = pair + [bad.load(images.root, images.keys[pool[j]], image_size) for j in negative_rows if j >= 0]
+        descriptors = torch.stack([pooled_descriptor(model, pixels, autocast)
+                                   for pixels in tuple_images if pixels is not None])
         loss = contrastive_loss(descriptors[0], descriptors[1], descriptors[2:], settings.margin)
         loss.backward()
         losses.append(float(loss.detach()))
-        if (t + 1) % settings.tuples_per_step == 0 or t + 1 == len(chosen):
+        pending += 1
+        if pending == settings.tuples_per_step or t + 1 == len(chosen):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            pending = 0
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(losses):.4f}")
     bar.close()
+    if pending:  # the epoch's last tuples were skipped: their step still counts
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if not losses:
+        raise ValueError(f"epoch {epoch}: none of its {len(chosen)} tuples has a readable query and positive")
     training_s, cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
     # CPU seconds besides wall seconds: on a shared machine the wall time says more about the load
-    return {"loss": float(np.mean(losses)), "tuples": len(chosen), "lr": optimizer.param_groups[0]["lr"],
+    return {"loss": float(np.mean(losses)), "tuples": len(losses), "skipped_tuples": skipped,
+            "lr": optimizer.param_groups[0]["lr"],
             "real_pairs": int(np.count_nonzero(chosen[:, 0] != chosen[:, 1])), "mining_s": mining_s,
-            "training_s": training_s, "s_per_tuple": training_s / len(chosen),
-            "cpu_s_per_tuple": cpu_s / len(chosen)}
+            "training_s": training_s, "s_per_tuple": training_s / len(losses),
+            "cpu_s_per_tuple": cpu_s / len(losses)}
 
 
 def _identity(settings: TrainingSettings, images: TrainingImages, validation: Optional[ValidationSet],
@@ -148,8 +165,8 @@ def _load_state(path: Path, identity: str, model: Optional[HOWNet], device: str)
 
 def train_model(images: TrainingImages, out: os.PathLike, settings: Optional[TrainingSettings] = None,
                 model: Optional[HOWNet] = None, config=None, validation: Optional[ValidationSet] = None,
-                device: str = "cpu", autocast: Optional[bool] = None, official_out: Optional[os.PathLike] = None
-                ) -> dict:
+                device: str = "cpu", autocast: Optional[bool] = None, official_out: Optional[os.PathLike] = None,
+                skip_bad: bool = False) -> dict:
     """Train HOW local descriptors on ``images`` and write the best model to ``out``.
 
     ``model``: where to start (default: built from the extraction ``config``, ImageNet weights);
@@ -158,8 +175,10 @@ def train_model(images: TrainingImages, out: os.PathLike, settings: Optional[Tra
     images held out as a synthetic validation set (``validation.synthetic_validation``), none
     when that is 0 (then ``out`` is the last epoch's model). ``autocast``: bfloat16 trunk on
     CUDA (default: on for CUDA). ``official_out``: also write the best model in the official
-    HOW layout (ResNet backbones). A rerun with the same arguments continues after the last
-    finished epoch. Returns {"history", "best_epoch", "best_val_GAP", "out"}.
+    HOW layout (ResNet backbones). ``skip_bad``: an unreadable image is logged and left out
+    (``BadImages``) instead of stopping the run. A rerun with the same arguments continues after
+    the last finished epoch. Returns {"history", "best_epoch", "best_val_GAP", "out",
+    "skipped_images"} (the keys found unreadable).
     """
     settings = (settings or TrainingSettings()).check()
     config = resolve_config(config)
@@ -167,6 +186,7 @@ def train_model(images: TrainingImages, out: os.PathLike, settings: Optional[Tra
     state_path, history_path = training_files(out)
     autocast = (torch.device(device).type == "cuda") if autocast is None else autocast
     image_size = settings.image_size or int(config["image_size"])
+    bad = BadImages(skip_bad)
     configure_threads()
     if validation is None and settings.val_images:
         validation, images = synthetic_validation(images, settings.val_images, settings.seed)
@@ -189,12 +209,12 @@ def train_model(images: TrainingImages, out: os.PathLike, settings: Optional[Tra
     else:
         model = (model or build_model(**config["model"])).to(device)
         if not model.has_whitening:
-            learn_whitening(model, images.root, images.keys, config)
+            learn_whitening(model, images.root, images.keys, config, skip_bad=skip_bad)
         start_fingerprint = model_fingerprint(model)
         optimizer = _prepare(model, settings)
         epoch_done, history = 0, [{"epoch": 0}]
         if validation is not None:
-            history[0]["val_GAP"] = validation_gap(model, validation, image_size, autocast)
+            history[0]["val_GAP"] = validation_gap(model, validation, image_size, autocast, bad)
         best = {"epoch": 0, "val_GAP": history[0].get("val_GAP")}
         save_model(model, out)
         _save_state(state_path, model, optimizer, 0, identity, start_fingerprint, history, best)
@@ -202,10 +222,10 @@ def train_model(images: TrainingImages, out: os.PathLike, settings: Optional[Tra
 
     for epoch in range(epoch_done + 1, settings.epochs + 1):
         record = {"epoch": epoch, **_train_epoch(model, optimizer, images, pairs, settings, epoch, image_size,
-                                                  autocast, settings.epochs)}
+                                                  autocast, settings.epochs, bad)}
         if validation is not None:
             started = time.perf_counter()
-            record["val_GAP"] = validation_gap(model, validation, image_size, autocast)
+            record["val_GAP"] = validation_gap(model, validation, image_size, autocast, bad)
             record["validation_s"] = time.perf_counter() - started
         history.append(record)
         if validation is None or record["val_GAP"] > best["val_GAP"]:
@@ -218,4 +238,5 @@ def train_model(images: TrainingImages, out: os.PathLike, settings: Optional[Tra
         write_json(history_path, {"validation": validation and validation.description, "epochs": history})
     if official_out is not None:
         save_official(load_model(str(out)), official_out)
-    return {"history": history, "best_epoch": best["epoch"], "best_val_GAP": best["val_GAP"], "out": str(out)}
+    return {"history": history, "best_epoch": best["epoch"], "best_val_GAP": best["val_GAP"], "out": str(out),
+            "skipped_images": sorted(bad.keys)}

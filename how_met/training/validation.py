@@ -22,7 +22,7 @@ from ..features.network import HOWNet
 from ..recognition.global_search import global_search
 from ..recognition.knn import DEFAULT_KS
 from ..recognition.protocol import tune
-from .data import TrainingImages
+from .data import BadImages, TrainingImages
 from .objective import describe
 from .settings import VAL_CROP_SCALE, VAL_DISTRACTOR_FRACTION
 
@@ -80,12 +80,17 @@ def synthetic_validation(images: TrainingImages, n: int, seed: int) -> Tuple[Val
     return val, images.subset(np.setdiff1d(np.arange(len(images)), held))
 
 
-def validation_gap(model: HOWNet, val: ValidationSet, image_size: int, autocast: bool = False) -> float:
+def validation_gap(model: HOWNet, val: ValidationSet, image_size: int, autocast: bool = False,
+                   bad: Optional[BadImages] = None) -> float:
     """GAP (percent) of the kNN classifier on ``val`` with the training descriptor, at the best
-    (K, t) of the Met grid."""
-    db = describe(model, val.root, val.db_keys, image_size, autocast, desc="validation database")
+    (K, t) of the Met grid. Images that a skipping ``bad`` finds unreadable take no part."""
+    bad = bad or BadImages()
+    db = describe(model, val.root, val.db_keys, image_size, autocast, desc="validation database", bad=bad)
     queries = describe(model, val.root, val.query_keys, image_size, autocast, val.query_augmentations,
-                       VAL_CROP_SCALE, desc="validation queries")
-    indices, scores = global_search(db, queries, max(DEFAULT_KS))
-    _, grid = tune(indices, scores, val.db_labels, val.query_labels)
+                       VAL_CROP_SCALE, desc="validation queries", bad=bad)
+    db_kept, query_kept = bad.kept(val.db_keys), bad.kept(val.query_keys)
+    if not db_kept.any() or not np.any(val.query_labels[query_kept] != DISTRACTOR):
+        raise ValueError(f"{val.description}: no readable validation image left to validate with")
+    indices, scores = global_search(db[db_kept], queries[query_kept], max(DEFAULT_KS))
+    _, grid = tune(indices, scores, val.db_labels[db_kept], val.query_labels[query_kept])
     return float(100 * grid.max())

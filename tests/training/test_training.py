@@ -196,3 +196,27 @@ def test_train_refuses_bad_counts_and_no_images(tmp_path, capsys):
     assert "give training images" in capsys.readouterr().err
     assert main(["train", "--images", str(tmp_path), "--out", str(tmp_path / "m.pt")]) == 1
     assert "no images to train on" in capsys.readouterr().err
+
+
+def test_train_skip_bad_leaves_out_a_corrupt_jpeg(tmp_path, whitened_model, museum_dir, capsys, caplog):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for key in load_directory(museum_dir).db_keys[:8]:
+        (folder / key.replace("/", "_")).write_bytes((museum_dir / "images" / key).read_bytes())
+    good = next(folder.glob("*.jpg")).read_bytes()
+    (folder / "corrupt.jpg").write_bytes(good[:len(good) // 3])  # a download cut short
+    start = tmp_path / "start.pt"
+    save_model(whitened_model, start)
+    out = tmp_path / "model.pt"
+    # every image is a query (9 synthetic pairs) and in the pool, so the corrupt one is met
+    argv = ["train", "--images", str(folder), "--out", str(out), "--checkpoint", str(start), "--epochs", "1",
+            "--tuples", "9", "--pool", "9", "--negatives", "3", "--image-size", "64", "--val-images", "0"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "corrupt.jpg" in err and "--skip-bad" in err, err
+    assert main(argv + ["--skip-bad"]) == 0
+    assert json.loads(capsys.readouterr().out)["skipped_images"] == 1
+    assert any("corrupt.jpg" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    epoch = json.loads(training_files(out)[1].read_text())["epochs"][1]
+    assert epoch["tuples"] == 8 and epoch["skipped_tuples"] == 1 and np.isfinite(epoch["loss"])
+    assert model_fingerprint(load_model(str(out))) != model_fingerprint(whitened_model)

@@ -146,21 +146,32 @@ def _save_state(path: Path, model: HOWNet, optimizer, epoch: int, identity: str,
                       "history": json.dumps(history), "best": json.dumps(best)}, path)
 
 
-def _load_state(path: Path, identity: str, model: Optional[HOWNet], device: str) -> dict:
-    """The saved state of this run (refusing one of another run) with its model rebuilt."""
+def _load_state(path: Path, identity: Optional[str], model: Optional[HOWNet], device: str) -> dict:
+    """The saved state of this run (refusing one of another run; ``identity`` None: of any run)
+    with its model rebuilt."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
         raise RuntimeError(f"{path}: not a loadable training state ({str(exc).splitlines()[0][:200]})") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise RuntimeError(f"{path}: not a how-met training state")
-    if state["identity"] != identity:
+    if identity is not None and state["identity"] != identity:
         raise ValueError(f"{path}: a training state of another run (other settings, images, validation or "
                          f"model); remove it or write the model elsewhere (--out)")
     if model is not None and model.has_whitening and model_fingerprint(model) != state["start_fingerprint"]:
         raise ValueError(f"{path}: that run started from another model than the one given")
     state["model"] = model_from_payload(state["model"], path, device)
     return state
+
+
+def last_epoch_model(out: os.PathLike, device: str = "cpu") -> Tuple[HOWNet, int]:
+    """(model, epoch) of the last finished epoch of the run that writes ``out``, from its training
+    state -- what to evaluate when the validation kept an earlier epoch in ``out``."""
+    state_path = training_files(out)[0]
+    if not state_path.exists():
+        raise FileNotFoundError(f"{state_path}: no training state beside {out}")
+    state = _load_state(state_path, None, None, device)
+    return state["model"], int(state["epoch"])
 
 
 def train_model(images: TrainingImages, out: os.PathLike, settings: Optional[TrainingSettings] = None,

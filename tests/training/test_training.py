@@ -20,7 +20,7 @@ from how_met.features.network import HOWNet, ModelConfig, model_fingerprint
 from how_met.training.data import augment, image_of, seeded, training_images
 from how_met.training.objective import contrastive_loss, describe, hard_negatives, pooled_descriptor
 from how_met.training.settings import TrainingSettings
-from how_met.training.trainer import train_model, training_files
+from how_met.training.trainer import last_epoch_model, train_model, training_files
 
 SETTINGS = TrainingSettings(epochs=2, tuples_per_epoch=8, pool_size=16, negatives=3, tuples_per_step=2,
                             lr=1e-4, image_size=64, val_images=0)
@@ -90,6 +90,8 @@ def test_resume_continues_from_the_saved_epoch(tmp_path, trained, images):
     assert resumed["history"][:2] == first["history"]  # epoch 1 was not trained again
     assert resumed["history"][2]["loss"] == pytest.approx(result["history"][2]["loss"], rel=1e-4)
     assert model_fingerprint(load_model(str(out))) == model_fingerprint(load_model(str(straight)))
+    last, epoch = last_epoch_model(out)
+    assert epoch == 2 and model_fingerprint(last) == model_fingerprint(load_model(str(straight)))
     # a state of another run is refused, not continued
     with pytest.raises(ValueError, match="another run"):
         train_model(images, out, dataclasses.replace(SETTINGS, lr=1e-3),

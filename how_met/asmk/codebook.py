@@ -1,17 +1,19 @@
 """Visual-word codebook: faiss k-means training and nearest-centroid assignment.
 
 Assignment searches: ``"exact"`` (faiss flat L2: one BLAS product per batch, on every thread
-``configure_threads`` gives faiss), and two approximate searches over the centroids, available
-by name for large codebooks where the exact scan dominates query time:
+``configure_threads`` gives faiss), ``"grouped"`` (``how_met.asmk.grouped_search``: exact
+distances to the words of each descriptor's 80 nearest groups of K / 64 words, one matrix
+product per group), and two approximate searches of faiss, available by name:
 
 - ``"ivf"``: the centroids grouped by a second, coarse k-means into lists of ~16 (K / 16 lists);
   each descriptor scans the ``nprobe`` lists with the nearest coarse centroids;
 - ``"hnsw"``: a faiss HNSW graph over the centroids (M ``hnsw_m``, ``ef_search``).
 
-``"auto"`` (the default) is exact at every size: on real HOW descriptors (README "Fidelity:
-word assignment") the approximate searches kept query recall@5 and database top-1 agreement
->= 0.99 only at settings about as slow as exact search (IVF with 4 probes, round 1's default
-for 8k words and more, kept 65-69% of the exact top 5).
+``"auto"`` (the default) is grouped from 65,536 words on and exact below: on real HOW descriptors
+(README "Fidelity: word assignment") the grouped search kept query recall@5 and database top-1
+agreement >= 0.99 at 65k words (0.995 / 0.999) for ~3x less CPU than exact, while faiss IVF and HNSW reached
+0.99 only at settings about as slow as exact search (IVF with 4 probes, round 1's default for
+8k words and more, kept 65-69% of the exact top 5).
 Every trained codebook records, in ``meta["assignment_recall"]``, the recall of its search
 measured on held-out real descriptors of the training store (``quantisation_recall``).
 
@@ -20,7 +22,8 @@ image; ``points_per_centroid`` caps the points faiss itself keeps (the official 
 256 per centroid, seed 1234).
 
 Files are ``.npz`` archives of plain arrays (read with ``allow_pickle=False``) holding the
-centroids, the coarse centroids of the IVF search when built, and the metadata as a JSON string;
+centroids, the coarse centroids of the IVF search and the groups of the grouped search when
+built, and the metadata as a JSON string;
 a readable ``.json`` copy of the metadata is written beside the archive.
 """
 from __future__ import annotations
@@ -37,10 +40,11 @@ from typing import Optional, Sequence, Tuple
 import faiss
 import numpy as np
 
-from .settings import (CODEBOOK_DIR, CODEBOOK_RECIPES, DEFAULT_EF_SEARCH, DEFAULT_HNSW_M,
-                       DEFAULT_MAX_DESCRIPTORS, DEFAULT_NPROBE, KMEANS_POINTS_PER_WORD, LEGACY_METHOD_NAMES,
-                       RECALL_SAMPLE, SEARCH_METHODS, auto_codebook_size)
-from ..utils import atomic_path, check_file_format, load_npz, progress, write_json
+from .grouped_search import DEFAULT_PROBES, GroupedSearch, check_groups, group_count, train_groups
+from .settings import (AUTO_MIN_RECALL, CODEBOOK_DIR, CODEBOOK_RECIPES, DEFAULT_EF_SEARCH, DEFAULT_HNSW_M,
+                       DEFAULT_MAX_DESCRIPTORS, DEFAULT_NPROBE, GROUPED_MIN_WORDS, KMEANS_POINTS_PER_WORD,
+                       LEGACY_METHOD_NAMES, RECALL_SAMPLE, SEARCH_METHODS, auto_codebook_size)
+from ..utils import atomic_path, check_file_format, configured_threads, load_npz, progress, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +73,8 @@ class Codebook:
                  max_descriptors: int = DEFAULT_MAX_DESCRIPTORS, method: str = "auto",
                  nlist: Optional[int] = None,
                  nprobe: int = DEFAULT_NPROBE, hnsw_m: int = DEFAULT_HNSW_M,
-                 ef_search: int = DEFAULT_EF_SEARCH, points_per_centroid: Optional[int] = None):
+                 ef_search: int = DEFAULT_EF_SEARCH, points_per_centroid: Optional[int] = None,
+                 probes: int = DEFAULT_PROBES):
         method = LEGACY_METHOD_NAMES.get(method, method)
         if method not in SEARCH_METHODS:
             raise ValueError(f"codebook search method must be one of {SEARCH_METHODS}, got {method!r}")
@@ -83,8 +88,10 @@ class Codebook:
         self.nprobe = int(nprobe)
         self.hnsw_m = int(hnsw_m)
         self.ef_search = int(ef_search)
+        self.probes = int(probes)
         self.centroids: Optional[np.ndarray] = None
         self.coarse_centroids: Optional[np.ndarray] = None
+        self.groups: Optional[Tuple[np.ndarray, np.ndarray]] = None  # (group centroids, group of each word)
         self.meta: dict = {}
         self.path: Optional[Path] = None  # the file it was loaded from or saved to
         self._exact = None
@@ -141,7 +148,7 @@ class Codebook:
         kmeans.train(data)
         self.centroids = np.ascontiguousarray(kmeans.centroids, np.float32)
         self._exact = self._approx = None
-        self.coarse_centroids = None
+        self.coarse_centroids = self.groups = None
         training["points_per_centroid"] = self.points_per_centroid
         self.meta = {
             "size": int(self.size), "dim": int(d), "iterations": self.iterations, "seed": self.seed,
@@ -153,6 +160,15 @@ class Codebook:
         logger.info("k-means into %d words: %.1f s", self.size, time.perf_counter() - started)
         if len(held_out):
             recall = self.measure_recall(held_out, k=5)  # its milliseconds vary run to run: not kept
+            if self.requested_method == "auto" and self.approximate and \
+                    min(recall["recall"], recall["top1"]) < AUTO_MIN_RECALL:
+                # the groups' share that keeps 0.99 depends on the codebook (README): auto never
+                # records a search below it, it records the exact one
+                logger.warning("codebook: the %s search kept recall@5 %.3f / top-1 %.3f of the exact one on "
+                               "held-out descriptors (< %.2f): this codebook assigns with the exact search",
+                               self.method, recall["recall"], recall["top1"], AUTO_MIN_RECALL)
+                self.requested_method, self._approx, self.groups = "exact", None, None
+                recall = self.measure_recall(held_out, k=5)
             self.meta["assignment_recall"] = {**{k: v for k, v in recall.items() if not k.endswith("_ms_per_1000")},
                                               "held_out": "descriptors of the training store not trained on"}
         return self
@@ -207,8 +223,11 @@ class Codebook:
 
     @property
     def method(self) -> str:
-        """The search actually used: exact, ivf or hnsw ("auto" is exact)."""
-        return "exact" if self.requested_method == "auto" else self.requested_method
+        """The search actually used: exact, grouped, ivf or hnsw ("auto": grouped from
+        GROUPED_MIN_WORDS words on, exact below)."""
+        if self.requested_method == "auto":
+            return "grouped" if len(self._require()) >= GROUPED_MIN_WORDS else "exact"
+        return self.requested_method
 
     @property
     def approximate(self) -> bool:
@@ -234,7 +253,11 @@ class Codebook:
         if self._approx is None:
             centroids = self._require()
             d = centroids.shape[1]
-            if self.method == "hnsw":
+            if self.method == "grouped":
+                if self.groups is None:  # seeded: the same groups from the same centroids
+                    self.groups = train_groups(centroids, group_count(len(centroids)), self.seed + 1)
+                index = GroupedSearch(centroids, *self.groups)
+            elif self.method == "hnsw":
                 index = faiss.IndexHNSWFlat(d, self.hnsw_m)
                 index.hnsw.efConstruction = max(40, 2 * self.hnsw_m)
                 index.add(centroids)
@@ -257,7 +280,9 @@ class Codebook:
         return self._approx
 
     def _tune(self, index) -> None:
-        if isinstance(index, faiss.IndexHNSWFlat):
+        if isinstance(index, GroupedSearch):
+            index.probes = int(min(max(1, self.probes), len(index.group_centroids)))
+        elif isinstance(index, faiss.IndexHNSWFlat):
             index.hnsw.efSearch = self.ef_search
         elif isinstance(index, faiss.IndexIVFFlat):
             index.nprobe = self.nprobe
@@ -282,6 +307,11 @@ class Codebook:
         index = self._exact_index() if use_exact else self._approx_index()
         if len(desc) == 0:
             ids, dist = np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+        elif isinstance(index, GroupedSearch):
+            dist, ids = index.search(desc, k, configured_threads() or 1)
+            short = np.flatnonzero(ids[:, -1] < 0)  # probed groups with fewer than k words
+            if len(short):
+                dist[short], ids[short] = self._exact_index().search(desc[short], k)
         else:
             dist, ids = index.search(desc, k)
         ids = ids.astype(np.int64, copy=False)
@@ -305,8 +335,8 @@ class Codebook:
         if float16:
             self.centroids = centroids = np.ascontiguousarray(centroids.astype(np.float16).astype(np.float32))
             self._exact = self._approx = None
-        if self.method == "ivf":
-            self._approx_index()  # train the coarse centroids once, store them with the file
+        if self.method in ("ivf", "grouped"):
+            self._approx_index()  # train the coarse centroids / groups once, store them with the file
         meta = dict(self.meta)
         meta.update({"format": FORMAT, "format_version": FORMAT_VERSION, "size": int(len(centroids)),
                      "dim": int(centroids.shape[1]), "fingerprint": self.fingerprint,
@@ -315,6 +345,8 @@ class Codebook:
                   "meta_json": np.array(json.dumps(meta, sort_keys=True))}
         if self.coarse_centroids is not None:
             arrays["coarse_centroids"] = self.coarse_centroids
+        if self.groups is not None:
+            arrays["group_centroids"], arrays["word_group"] = self.groups
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as fh:
                 np.savez(fh, **arrays)
@@ -326,7 +358,7 @@ class Codebook:
     def search_settings(self) -> dict:
         return {"method": self.requested_method,
                 "nlist": self.nlist, "nprobe": self.nprobe, "hnsw_m": self.hnsw_m,
-                "ef_search": self.ef_search}
+                "ef_search": self.ef_search, "probes": self.probes}
 
     @classmethod
     def load(cls, path: os.PathLike, **search) -> "Codebook":
@@ -342,6 +374,8 @@ class Codebook:
             meta = json.loads(str(data["meta_json"]))
             coarse = np.ascontiguousarray(data["coarse_centroids"], np.float32) \
                 if "coarse_centroids" in data else None
+            groups = (np.ascontiguousarray(data["group_centroids"], np.float32), np.asarray(data["word_group"])) \
+                if "group_centroids" in data and "word_group" in data else None
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{path}: not a readable codebook ({type(exc).__name__}: {exc})") from None
         if not isinstance(meta, dict):
@@ -353,7 +387,7 @@ class Codebook:
         if centroid_fingerprint(centroids) != meta.get("fingerprint"):
             raise ValueError(f"{path}: centroids do not match their recorded fingerprint (damaged file)")
         settings = {k: v for k, v in (meta.get("search") or {}).items()
-                    if k in ("method", "nlist", "nprobe", "hnsw_m", "ef_search")}
+                    if k in ("method", "nlist", "nprobe", "hnsw_m", "ef_search", "probes")}
         settings.update(search)
         cb = cls.from_centroids(centroids, meta=meta, **settings)
         cb.iterations = int(meta.get("iterations", cb.iterations))
@@ -361,6 +395,11 @@ class Codebook:
         cb.points_per_centroid = (meta.get("training_set") or {}).get("points_per_centroid")
         if coarse is not None and coarse.ndim == 2 and coarse.shape[1] == centroids.shape[1]:
             cb.coarse_centroids = coarse
+        if groups is not None:
+            problem = check_groups(*groups, len(centroids), centroids.shape[1])
+            if problem:
+                raise ValueError(f"{path}: not a readable codebook ({problem})")
+            cb.groups = (groups[0], groups[1].astype(np.int32))
         cb.path = path
         return cb
 

@@ -17,12 +17,21 @@ from typing import Dict
 # recall@5 and database top-1 agreement >= 0.99 only at settings as slow as exact search or
 # slower (one thread; IVF 4 probes, round 1's default, kept 65% of the exact top 5). Their
 # defaults below are the cheapest measured settings that keep both at 0.99 or above.
-SEARCH_METHODS = ("auto", "exact", "ivf", "hnsw")
+SEARCH_METHODS = ("auto", "exact", "grouped", "ivf", "hnsw")
 LEGACY_METHOD_NAMES = {"flat": "exact"}   # round-1 name of the exact search, still read from files
 DEFAULT_NPROBE = 128             # of K / 16 lists: recall@5 / top-1 0.997 / 0.9997 (8k words), 0.994 / 0.998 (65k)
 # HNSW: M 64, efSearch 256: recall@5 / top-1 0.996 / 0.997 (8k words), 0.995 / 0.994 (65k); M 32
 # lost the nearest word of 1.4% of real descriptors at 65k even with efSearch 512, at more cost
 DEFAULT_HNSW_M = 64
+# "grouped" (how_met.asmk.grouped_search): exact distances to the words of each descriptor's
+# 80 nearest groups of K / 64 words, one matrix product per group. "auto" uses it from
+# GROUPED_MIN_WORDS words on: at 65,536 words on real HOW descriptors, recall@5 / top-1 0.995 /
+# 0.999 for ~3x less CPU than exact (README "Fidelity: word assignment"); smaller codebooks
+# were not measured with it and stay exact.
+GROUPED_MIN_WORDS = 65536
+# A codebook trained with "auto" whose grouped search keeps less than this recall@5 or top-1 on
+# its held-out descriptors records (and uses) the exact search instead.
+AUTO_MIN_RECALL = 0.99
 DEFAULT_EF_SEARCH = 256
 DEFAULT_MAX_DESCRIPTORS = 2_000_000
 # faiss k-means wants this many training points per centroid; fewer give noisy words

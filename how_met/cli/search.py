@@ -138,7 +138,10 @@ def _configure_query(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, help="selective-kernel exponent (default: the index's, 3)")
     p.add_argument("--tau", type=float, help="selective-kernel threshold (default: the index's, 0)")
     p.add_argument("--idf", dest="use_idf", action="store_true", default=None, help="idf-weighted scores")
-    p.add_argument("--query-batch", type=POSITIVE, default=32, help="query images searched together")
+    p.add_argument("--query-batch", type=POSITIVE,
+                   help="at most this many query images searched together (default: as many as --query-memory holds)")
+    p.add_argument("--query-memory", type=float, default=256, metavar="MB",
+                   help="working memory of one batch of query images (default 256 MB: ~80 images of 1000 features)")
     p.add_argument("--image-root", type=Path, help="with --images LIST: folder the listed paths are relative to")
     p.add_argument("--save-features", type=Path, help="with --images: keep the extracted query features here")
     p.add_argument("--rerank", action="store_true",
@@ -158,7 +161,8 @@ def _run_query(args) -> int:
                        image_root=args.image_root, save_features=args.save_features, device=args.device,
                        workers=args.workers, extract_batch_size=args.batch_size, rerank=args.rerank,
                        db_features=args.db_features, k=args.k, multiple_assignment=args.multiple_assignment,
-                       alpha=args.alpha, tau=args.tau, use_idf=args.use_idf, batch_size=args.query_batch)
+                       alpha=args.alpha, tau=args.tau, use_idf=args.use_idf, batch_size=args.query_batch,
+                       batch_mb=args.query_memory)
     answered = int((result.indices[:, 0] >= 0).sum()) if len(result) else 0
     print(json.dumps({"results": str(args.out), "queries": len(result), "with_neighbours": answered,
                       "k": args.k, "reranked": bool(args.rerank)}))

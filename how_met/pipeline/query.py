@@ -81,7 +81,7 @@ def run_query(index, codebook, out, features=None, images=None, checkpoint=None,
     (``features``) or for photos (``images``, extracted with ``checkpoint`` -- the model the
     database was extracted with -- and ``config``, see ``query_config``), optionally rerank
     each top-k by spatial verification against ``db_features``, and save the result to ``out``.
-    ``options``: k, multiple_assignment, alpha, tau, use_idf, batch_size (see query_store)."""
+    ``options``: k, multiple_assignment, alpha, tau, use_idf, batch_size, batch_mb (see query_store)."""
     if rerank and db_features is None:
         raise ValueError("--rerank needs --db-features: the database feature store the index was built from")
     codebook = load_codebook(codebook)

@@ -76,6 +76,31 @@ def test_batches_and_timings_do_not_change_results(museum):
     direct = query_descriptors(museum["index"], museum["cb"], museum["q_arrays"], museum["q_keys"], k=8)
     np.testing.assert_array_equal(direct.indices, whole.indices)
 
+    # batches sized by memory: a budget below one image's descriptors makes every image a batch
+    from how_met.asmk.query import batch_bytes_per_descriptor
+    calls = []
+    import how_met.asmk.query as query_module
+    original = query_module.query_descriptors
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[2]))
+        return original(*args, **kwargs)
+
+    query_module.query_descriptors = counting
+    try:
+        tiny = query_store(museum["index"], museum["cb"], museum["queries"], k=8, show_progress=False, batch_mb=1e-6)
+        per_image = len(museum["q_arrays"][0]) * batch_bytes_per_descriptor(D, 5) / 2 ** 20
+        two = query_store(museum["index"], museum["cb"], museum["queries"], k=8, show_progress=False,
+                          batch_mb=2.5 * per_image)
+    finally:
+        query_module.query_descriptors = original
+    n = len(museum["q_keys"])
+    assert calls[:n] == [1] * n and max(calls[n:]) == 2  # the second: 2 images (of equal size) per batch
+    np.testing.assert_array_equal(tiny.indices, whole.indices)
+    np.testing.assert_array_equal(two.indices, whole.indices)
+    with pytest.raises(ValueError, match="batch_mb"):
+        query_store(museum["index"], museum["cb"], museum["queries"], batch_mb=0, show_progress=False)
+
 
 def test_multiple_assignment_changes_scores_as_expected(museum):
     one = query_store(museum["index"], museum["cb"], museum["queries"], k=3, multiple_assignment=1,

@@ -30,6 +30,10 @@ WORDS_PER_GROUP = 64   # G = K / 64 groups (1,024 for 65,536 words)
 # the words scanned: the groups are unequal and the dense ones are probed most), 0.996 / 0.999 at 96
 DEFAULT_PROBES = 80
 GROUP_ITERATIONS = 10
+# Descriptors searched together: their rows are gathered once per probed group, so the batch
+# should stay in cache; measured CPU per 1000 descriptors (65k words, 80 probes, real
+# descriptors): 67 / 65 / 66 / 72 / 85 ms for parts of 1,000 / 2,000 / 4,000 / 8,000 / 32,000
+PART_DESCRIPTORS = 3000
 
 
 def group_count(n_words: int) -> int:
@@ -179,20 +183,22 @@ class GroupedSearch:
 
     def search(self, descriptors: np.ndarray, k: int, threads: int = 1) -> Tuple[np.ndarray, np.ndarray]:
         """((n, k) float32 squared L2 distances, (n, k) int64 word ids), nearest first; the
-        descriptors are split into ``threads`` parts searched in parallel (BLAS on one thread
-        each). A descriptor whose probed groups hold fewer than k words gets id -1 (distance inf)
+        descriptors are split into parts of at most PART_DESCRIPTORS, searched on ``threads``
+        threads (BLAS on one thread each). A descriptor whose probed groups hold fewer than k words gets id -1 (distance inf)
         in the remaining places."""
         x = np.ascontiguousarray(descriptors, np.float32)
         n = len(x)
         k = int(min(k, len(self.words)))
         dist = np.full((n, k), np.inf, np.float32)
         ids = np.full((n, k), -1, np.int64)
-        parts = _bounds(n, max(1, min(int(threads), n // 256 + 1)))  # small batches: one part
+        threads = max(1, min(int(threads), n // 256 + 1))  # small batches: one thread
+        parts = _bounds(n, max(threads, -(-n // PART_DESCRIPTORS)))
         with threadpool_limits(1, user_api="blas"):
-            if len(parts) == 1:
-                self._search_part(x, dist, ids)
+            if threads == 1:
+                for a, b in parts:
+                    self._search_part(x[a:b], dist[a:b], ids[a:b])
             else:
-                with ThreadPoolExecutor(len(parts)) as pool:
+                with ThreadPoolExecutor(threads) as pool:
                     list(pool.map(lambda ab: self._search_part(x[ab[0]:ab[1]], dist[ab[0]:ab[1]],
                                                                ids[ab[0]:ab[1]]), parts))
         found = ids >= 0

@@ -17,7 +17,7 @@ from how_met.verify.reranker import Reranker, SpatialParams
 from how_met.verify.scores import score_shortlist
 from how_met.recognition.fusion import fusion_grid
 from how_met.recognition.protocol import protocol_folds, tune_and_test
-from how_met.pipeline.evaluate import repeat_dir
+from how_met.pipeline.evaluate import codebook_is_seeded, repeat_dir
 from how_met.pipeline.stages import aligned
 
 name, work = sys.argv[1], Path(sys.argv[2])
@@ -33,8 +33,9 @@ n = settings["rerank_shortlist"]
 short = Neighbours(g.query_keys, g.db_keys, g.indices[:, :n], g.scores[:, :n])
 features = work / "features.h5"
 scores_by_codebook, gaps = {}, []
+seeded = codebook_is_seeded(settings, len(ds.db_keys))
 for seed in seeds:
-    cb = Codebook.load(repeat_dir(work, settings["seed"], seed) / "codebook.npz")
+    cb = Codebook.load(repeat_dir(work, settings["seed"], seed, seeded) / "codebook.npz")
     if cb.fingerprint not in scores_by_codebook:
         with Reranker(features, cb, multiple_assignment=settings["multiple_assignment"],
                       spatial=SpatialParams(**params)) as r:

@@ -35,6 +35,9 @@ def _configure_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=NON_NEGATIVE, help="codebook and fold-split seed (default: the config's, else 0)")
     p.add_argument("--global-dims", type=POSITIVE, help="PCA-whitened global descriptor dims")
     p.add_argument("--methods", help=f"comma-separated subset of {','.join(pipeline_settings.METHODS)}")
+    p.add_argument("--rerank-weights", choices=["default", "tuned"],
+                   help="global+rerank fusion weights: the documented default (K and t still tuned) or "
+                        "tuned over a grid on the tuning queries (for large validation sets)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (logged)")
     p.add_argument("--skip-missing", action="store_true", help="skip images listed but not on disk")
     p.add_argument("--report", action="store_true", help="also write the HTML report")
@@ -57,7 +60,7 @@ def evaluation_settings(args) -> dict:
     if args.index and not args.codebook:
         raise ValueError("--index needs --codebook: the codebook it was built with")
     for name in ("checkpoint", "codebook", "codebook_size", "global_dims", "target_precision", "unsupervised", "seed",
-                 "features", "index"):
+                 "features", "index", "rerank_weights"):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
     if args.methods:

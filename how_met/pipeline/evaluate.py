@@ -19,7 +19,8 @@ Work directory layout (each file is written atomically; a stage whose output exi
     timings.json             seconds and rates measured by the stages
     results.json, results.md  metrics per method
     repeats/seed-<s>/        with ``repeats`` > 1: codebook, index and neighbour lists of the
-                             other codebook seeds (features and global lists are shared)
+                             other codebook seeds (features and global lists are shared; with
+                             a given or shipped codebook every repeat shares them all)
 
 Protocol: a dataset with val and test queries is tuned on val and measured on test; a dataset
 with one query set uses ``cv``-fold cross-tuning (default 2), which the output says. The
@@ -46,6 +47,7 @@ from ..recognition import fusion, knn
 from ..recognition.acceptance import degenerate_confidence
 from ..recognition.protocol import protocol_folds, tune_and_test
 from ..utils import configure_threads, library_versions, write_json
+from ..verify.scores import FusionWeights
 from .evidence import stage_evidence
 from .settings import METHODS, merge_settings, unsupervised_source
 from .stages import (THREADED_STAGES, Timings, record_settings, aligned, dir_megabytes, given_extraction,
@@ -137,10 +139,20 @@ def repeat_seeds(seed: int, repeats: int) -> List[int]:
     return [seed + r for r in range(repeats)]
 
 
-def repeat_dir(work: Path, base_seed: int, seed: int) -> Path:
+def codebook_is_seeded(settings: dict, n_db_images: int) -> bool:
+    """Whether the run trains its codebook with the seed. A given or shipped codebook is the
+    same in every repeat, and so are the index, the ASMK lists and the rerank scores built on
+    it: repeats then differ in the fold split only and share those stages."""
+    fixed = settings.get("codebook") or (unsupervised_source(settings, n_db_images)
+                                         and not settings.get("codebook_size"))
+    return not fixed
+
+
+def repeat_dir(work: Path, base_seed: int, seed: int, seeded: bool = True) -> Path:
     """Where the seed-dependent stages of one repeat live: the work directory itself for the
-    base seed, ``repeats/seed-<s>/`` for the others (codebook, index, ASMK and rerank lists)."""
-    return work if seed == base_seed else work / "repeats" / f"seed-{seed}"
+    base seed (and for every seed when the codebook is not ``seeded``), ``repeats/seed-<s>/``
+    for the others (codebook, index, ASMK and rerank lists)."""
+    return work if seed == base_seed or not seeded else work / "repeats" / f"seed-{seed}"
 
 
 def mean_std(values: Sequence[float]) -> Tuple[float, Optional[float]]:
@@ -168,8 +180,8 @@ def _method_candidates(ds: Dataset, run: Path, features: Path, settings: dict, t
                            for w in fusion.DEFAULT_WEIGHTS]
     if "global+rerank" in methods:
         scores = stage_rerank(ds, run, features, codebook, global_list[1], settings, timings)
-        lists["global+rerank"] = [(weights.as_dict(), *aligned(scores.fuse(weights), ds))
-                                  for weights in fusion.fusion_grid()]
+        grid = fusion.fusion_grid() if settings.get("rerank_weights") == "tuned" else [FusionWeights()]
+        lists["global+rerank"] = [(weights.as_dict(), *aligned(scores.fuse(weights), ds)) for weights in grid]
     return lists
 
 
@@ -224,8 +236,9 @@ def run_evaluation(data_dir=None, work_dir="how-met-work", settings: Optional[di
     global_neigh = stage_global(ds, work, features, settings, timings)
     global_list = (aligned(global_neigh, ds), global_neigh)
     outcomes: List[Dict[str, dict]] = []  # per repeat: method -> tune_and_test outcome
+    seeded = codebook_is_seeded(settings, len(ds.db_keys))
     for seed in seeds:
-        run = repeat_dir(work, settings["seed"], seed)
+        run = repeat_dir(work, settings["seed"], seed, seeded)
         run_timings = timings if run == work else Timings(run / "timings.json")
         lists = _method_candidates(ds, run, features, {**settings, "seed": seed}, run_timings,
                                    methods, global_list)
@@ -234,8 +247,9 @@ def run_evaluation(data_dir=None, work_dir="how-met-work", settings: Optional[di
                          for name in methods})
 
     if repeats > 1:
-        varied = "codebook seed" if protocol == "val -> test" else "codebook seed and fold split"
-        protocol += f"; mean \u00b1 std over {repeats} repeats ({varied}: seeds {seeds[0]}..{seeds[-1]})"
+        varied = " and ".join(name for name, varies in (("codebook seed", seeded),
+                                                       ("fold split", protocol != "val -> test")) if varies)
+        protocol += f"; mean \u00b1 std over {repeats} repeats ({varied or 'nothing varies'}: seeds {seeds[0]}..{seeds[-1]})"
     results = {"dataset": {"name": ds.name, "image_root": str(Path(ds.image_root).resolve()),
                            "n_db": len(ds.db_keys), "n_queries": len(ds.query_keys),
                            "n_distractors": ds.n_distractors, "n_classes": ds.n_classes},

@@ -7,7 +7,7 @@ import copy
 from typing import Optional
 
 from ..asmk.settings import OFFICIAL_POINTS_PER_CENTROID, OFFICIAL_SEED
-from ..features.settings import CONFIGS, DEFAULT_CONFIG, DEFAULT_SHIPPED, SHIPPED_MODELS
+from ..features.settings import CONFIGS, DEFAULT_CONFIG, SHIPPED_MODELS, shipped_parts_for
 from ..recognition.acceptance import DEFAULT_TARGET_PRECISION
 
 METHODS = ("global", "how-asmk", "fusion", "global+rerank")
@@ -23,6 +23,10 @@ DEFAULT_SETTINGS = {
     "neighbours": 100,                # database images kept per query (>= the largest K)
     "global_dims": 128,
     "rerank_shortlist": 100,
+    # global+rerank's fusion weights: "default" (FusionWeights(), fixed; only K and t are tuned)
+    # or "tuned" (every point of recognition.fusion.DEFAULT_FUSION_GRID competes on the tuning
+    # queries; worse on every shared set, see FusionWeights, but there for large validation sets)
+    "rerank_weights": "default",
     "methods": list(METHODS),
     "seed": 0,
     "target_precision": DEFAULT_TARGET_PRECISION,  # the recogniser's accept threshold: validation precision
@@ -55,16 +59,8 @@ PUBLISHED = {
 
 def unsupervised_source(settings: dict, n_db_images: int) -> Optional[str]:
     """The shipped model whose whitening and codebook an evaluation uses, or None when the
-    database learns its own.
-
-    "auto" takes the default shipped parts when the extractor is theirs and the database has
-    fewer images than the corpus they were learned from. Measured (README "Choosing the
-    defaults"): HOW+ASMK with corpus-learned parts vs database-learned ones, landmarks (9
-    images) 91.6 +- 1.3 vs 79.4 +- 2.4, grocery (31) 48.1 +- 5.5 vs 12.5 +- 1.2 (3 seeds each);
-    museum (231, one run, with the upscales) 98.8 vs 96.6. Only a database at least as large as
-    the corpus -- more images to learn the same parts from -- trains its own (not measured: no
-    shared set is that large).
-    """
+    database learns its own. "auto": ``shipped_parts_for`` (the rule ``how-met recogniser``
+    follows too), unless a checkpoint or codebook is given (their whitening is another one)."""
     choice = settings.get("unsupervised", "auto")
     if choice == "database":
         return None
@@ -73,14 +69,9 @@ def unsupervised_source(settings: dict, n_db_images: int) -> Optional[str]:
             raise ValueError(f"unknown unsupervised source {choice!r}; choose auto, database or "
                              f"one of {', '.join(SHIPPED_MODELS)}")
         return choice
-    shipped = SHIPPED_MODELS[DEFAULT_SHIPPED]
-    model, theirs = settings["extract"]["model"], shipped["model"]
-    same_extractor = (model["backbone"] == theirs["backbone"] and model.get("dim") == theirs["dim"]
-                      and model.get("layer") in (None, theirs["layer"]))
-    given = settings.get("checkpoint") or settings.get("codebook")  # their whitening is another one
-    if given or not same_extractor or n_db_images >= shipped["training_images"]:
+    if settings.get("checkpoint") or settings.get("codebook"):  # their whitening is another one
         return None
-    return DEFAULT_SHIPPED
+    return shipped_parts_for(settings["extract"]["model"], n_db_images)
 
 
 def merge_settings(settings: Optional[dict], overrides: dict) -> dict:

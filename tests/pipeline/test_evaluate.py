@@ -79,6 +79,15 @@ def test_repeats_rerun_the_codebook_seed_on_the_same_features(tmp_path, monkeypa
     table = (tmp_path / "w" / "results.md").read_text()
     assert f"| how-asmk | {results['methods']['how-asmk']['GAP']:.1f} \u00b1 " in table
 
+    # a given codebook is the same in every repeat: index, ASMK lists and rerank scores are
+    # computed once, in the work directory, and only the (here fixed) split could move them
+    given = {**settings, "codebook": str(tmp_path / "w" / "codebook.npz"),
+             "features": str(tmp_path / "w" / "features.h5")}
+    shared = run_evaluation(work_dir=tmp_path / "w2", settings=given, dataset=ds, repeats=3)
+    assert not (tmp_path / "w2" / "repeats").exists()
+    asmk = shared["methods"]["how-asmk"]
+    assert asmk["GAP_std"] == 0 and asmk["GAP"] == pytest.approx(single["methods"]["how-asmk"]["GAP"], abs=0.01)
+
 
 def test_same_inputs_give_the_same_bytes_on_one_and_two_threads(tmp_path, monkeypatch):
     """The same command twice, on 1 thread and on 2, in the same fresh work directory: model,

@@ -3,6 +3,7 @@ accept threshold; adding exhibits without a rebuild; refusing a directory whose 
 building one without queries."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -141,6 +142,32 @@ def test_a_collection_without_queries_gets_a_default_recogniser(tmp_path, museum
             answer = recogniser.recognise(museum_dir / "images" / query)
             assert answer.top[0]["exhibit"] == f"exhibit-{db.split('/')[-1].split('.')[0]}", answer
             assert answer.top[0]["inliers"] > answer.top[1]["inliers"]
+
+
+@pytest.mark.slow
+def test_a_small_collection_gets_the_shipped_whitening_and_codebook(tmp_path, museum_dir, museum_pairs):
+    """With the default extractor, a collection smaller than the shipped parts' corpus uses
+    them, as ``evaluate`` does: its store has the shipped model's fingerprint, its codebook is
+    the shipped one, and a visitor photo of one of its paintings is answered right."""
+    from how_met.asmk.codebook import Codebook
+    from how_met.features.settings import DEFAULT_SHIPPED, shipped_path
+    from how_met.features.shipped import read_whitening
+    from how_met.features.store import FeatureStore
+    pairs, by_class = museum_pairs
+    query, db = pairs[0]
+    collection = tmp_path / "collection"
+    for key in [db] + [by_class[c] for c in sorted(by_class)[:3]]:
+        target = collection / Path(key).stem / "photo.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(museum_dir / "images" / key, target)
+    out = build_recogniser(collection, *_folder(collection), tmp_path / "rec")
+    with FeatureStore(tmp_path / "rec" / "database.h5") as store:
+        assert store.model_fingerprint == read_whitening(DEFAULT_SHIPPED)[2]["model_fingerprint"]
+    shipped = Codebook.load(shipped_path(DEFAULT_SHIPPED, "codebook"))
+    assert Codebook.load(tmp_path / "rec" / "codebook.npz").fingerprint == shipped.fingerprint
+    with Recogniser(out) as recogniser:
+        assert recogniser.settings["unsupervised"] == DEFAULT_SHIPPED
+        assert recogniser.recognise(museum_dir / "images" / query).top[0]["exhibit"] == Path(db).stem
 
 
 def _folder(collection):

@@ -5,7 +5,10 @@ A query is *accepted* when its log-odds reach the threshold; an accepted query i
 predicted exhibit is its exhibit (an accepted distractor is always wrong). The threshold is the
 lowest log-odds at which the accepted validation queries are still at least ``target`` precise:
 the most queries answered for the precision promised. Queries tied at one log-odds are accepted
-or rejected together (a threshold cannot split them).
+or rejected together (a threshold cannot split them). The threshold sits halfway between the
+lowest accepted validation log-odds and the next lower one, not on a query's own value: the
+same photo asked again (``how-met identify``) gets its log-odds back only to float rounding
+(1e-5 measured on museum), which must not flip it across.
 """
 from __future__ import annotations
 
@@ -19,9 +22,10 @@ DEFAULT_TARGET_PRECISION = 0.95
 
 
 def choose_threshold(log_odds, predicted, labels, target: float = DEFAULT_TARGET_PRECISION) -> float:
-    """The lowest log-odds threshold whose accepted queries have precision >= ``target``;
-    +inf (accept nothing) when no threshold reaches it. Queries without a prediction
-    (log-odds -inf) are never accepted."""
+    """A threshold accepting the most queries whose accepted ones have precision >= ``target``:
+    halfway between the lowest accepted log-odds and the next lower one (0.5 below it when every
+    query is accepted); +inf (accept nothing) when no threshold reaches it. Queries without a
+    prediction (log-odds -inf) are never accepted."""
     if not 0.0 < target <= 1.0:
         raise ValueError(f"target precision must be in (0, 1], got {target}")
     log_odds = np.asarray(log_odds, np.float64)
@@ -34,7 +38,11 @@ def choose_threshold(log_odds, predicted, labels, target: float = DEFAULT_TARGET
     group_end = np.flatnonzero(np.r_[values[1:] != values[:-1], True])  # last row of each tie
     precision = np.cumsum(hits)[group_end] / (group_end + 1)
     reaching = np.flatnonzero(precision >= target)
-    return float(values[group_end[reaching[-1]]]) if len(reaching) else float("inf")
+    if not len(reaching):
+        return float("inf")
+    last = group_end[reaching[-1]]
+    lower = values[last + 1] if last + 1 < len(values) else values[last] - 1.0
+    return float((values[last] + lower) / 2)
 
 
 def acceptance_figures(log_odds, predicted, labels, threshold: float) -> dict:

@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from how_met.cli import main
@@ -15,15 +16,20 @@ from how_met.recognition.recogniser import Recogniser, RecogniserError, build_re
 N_PHOTOS = 10   # held-out photos identified (each costs one extraction and one verification)
 
 
-def test_threshold_is_the_lowest_log_odds_that_keeps_the_target_precision():
+def test_threshold_accepts_the_most_queries_that_keep_the_target_precision():
     # log-odds sorted: 9 (right), 8 (right), 7 (distractor), 6 (right), 5 (wrong), 4 (right)
     log_odds = [7, 9, 5, 8, 6, 4]
     labels = [-1, 1, 2, 3, 4, 5]
     predicted = [3, 1, 9, 3, 4, 5]
     # precision at each cut: 1, 1, 2/3, 3/4, 3/5, 4/6
-    assert choose_threshold(log_odds, predicted, labels, 0.95) == 8
-    assert choose_threshold(log_odds, predicted, labels, 0.75) == 6
-    assert choose_threshold(log_odds, predicted, labels, 0.6) == 4
+    # halfway to the next lower log-odds (below the lowest: 0.5 under it)
+    assert choose_threshold(log_odds, predicted, labels, 0.95) == 7.5
+    assert choose_threshold(log_odds, predicted, labels, 0.75) == 5.5
+    assert choose_threshold(log_odds, predicted, labels, 0.6) == 3.5
+    # the boundary query asked again with float noise is still accepted (it sat on the threshold)
+    noisy = np.array(log_odds, np.float64) - 1e-5
+    assert acceptance_figures(noisy, predicted, labels, choose_threshold(log_odds, predicted, labels, 0.75)) \
+        == acceptance_figures(log_odds, predicted, labels, 5.5)
     assert choose_threshold([1.0, 1.0], [1, 2], [1, 3], 0.95) == float("inf")  # a tie cannot be split
     figures = acceptance_figures(log_odds, predicted, labels, 6)
     assert figures == {"queries": 6, "positives": 5, "distractors": 1, "accepted": 4, "accepted_right": 3,

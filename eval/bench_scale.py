@@ -18,7 +18,10 @@ Stages (each: wall seconds, peak RSS of the process during the stage, bytes it l
   x iterations, not with the database (the full recipe: 256 points per word, 10 iterations).
   The index uses the generator's word centres, so that planted matches have a known answer.
 - ``records``: every database image aggregated (1 assignment) and its compact record
-  (``--record-descriptors``, default int8) appended, as ``how-met index --records`` streams it.
+  (``--record-descriptors``, default int8; ``pq``: ``--pq-code`` MxB, the quantiser
+  trained on the codebook sample) appended, its aggregated vectors to the records' sidecar, as
+  ``how-met index --records`` streams it. ``disk_gb`` is the records file (what stays);
+  ``vectors_gb`` the sidecar (read by the index stage, deletable after it).
   Database quantisation is measured on ``--quantise-images`` images and extrapolated (the
   records hold the generating word of each descriptor; ``db_quantise_s_per_image`` is printed
   and its extrapolated total is a separate line): quantising 397M descriptors exactly costs
@@ -29,7 +32,9 @@ Stages (each: wall seconds, peak RSS of the process during the stage, bytes it l
 - ``global``: exact inner-product search (faiss) of the 512-D global descriptors, top 100.
 - ``knn``: the kNN classifier (K = 5, t = 10) over the ASMK neighbours.
 - ``rerank``: the ASMK top-``--shortlist`` of ``--rerank-queries`` queries scored and spatially
-  verified from the records; ``records_read`` and ``bytes_read`` give its I/O.
+  verified from the records, the ASMK codes looked up in the index; ``records_read`` and
+  ``bytes_read`` give its record I/O, ``index_lookups`` the (image, word) codes read from the
+  index's postings.
 
 ``--json PATH`` writes {"images", "queries", "top1", "stages": {stage: {"seconds",
 "peak_rss_gb", "disk_gb"}}, ...}. ``--fit`` reads several such files (at least three sizes),
@@ -57,11 +62,11 @@ from how_met.asmk.aggregation import aggregate  # noqa: E402
 from how_met.asmk.codebook import Codebook  # noqa: E402
 from how_met.asmk.indexing import index_from_records  # noqa: E402
 from how_met.asmk.query import query_descriptors  # noqa: E402
-from how_met.asmk.records import RecordStore, records_settings  # noqa: E402
+from how_met.asmk.records import RecordStore, records_settings, vectors_path  # noqa: E402
 from how_met.features.store import LocalFeatures  # noqa: E402
 from how_met.recognition.global_search import global_search  # noqa: E402
 from how_met.recognition.knn import knn_predict  # noqa: E402
-from how_met.utils import configure_threads  # noqa: E402
+from how_met.utils import configure_threads, l2_normalise  # noqa: E402
 
 MET_QUERIES = 21_484
 MET_CLASSES = 224_408
@@ -155,11 +160,14 @@ def run(args) -> dict:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     records_path, index_path = work / "db.records", work / "index"
-    if records_path.exists():  # a fresh build every run
-        records_path.unlink()
+    vectors = vectors_path(records_path)
+    for old in (records_path, vectors):  # a fresh build every run
+        if old.exists():
+            old.unlink()
     stages: dict = {}
     result = {"images": args.images, "queries": args.queries, "words": args.words, "threads": threads,
               "descriptors_per_image": args.descriptors, "record_descriptors": args.record_descriptors,
+              "pq_code": args.pq_code,
               "stages": stages}
     n_images = args.images
     labels = (np.arange(n_images) * MET_CLASSES // MET_IMAGES).astype(np.int64)  # ~1.77 images per class
@@ -174,6 +182,7 @@ def run(args) -> dict:
         trained.train(sample, show_progress=False, recall_sample=0)
         trained.save(work / "codebook.npz")
     result["codebook"] = {"points": int(len(sample)), "iterations": args.codebook_iterations}
+    pq_sample = l2_normalise(sample[:65_536])  # pq records: their quantiser learns from the sample too
     del sample, trained
     codebook = Codebook.from_centroids(data.centroids)
 
@@ -189,9 +198,10 @@ def run(args) -> dict:
     rng = np.random.default_rng(args.seed)
     targets = np.sort(rng.choice(n_images, args.queries, replace=args.queries > n_images))
     generate_s = 0.0
-    settings = records_settings(codebook, args.record_descriptors, {"stride": STRIDE}, None)
+    settings = records_settings(codebook, args.record_descriptors, {"stride": STRIDE}, None,
+                                args.pq_code if args.record_descriptors == "pq" else None)
     with Stage(stages, "records", [records_path]):
-        with RecordStore(records_path, "a", settings) as records:
+        with RecordStore(records_path, "a", settings, pq_training=lambda: pq_sample) as records:
             for start in range(0, n_images, BATCH):
                 stop = min(n_images, start + BATCH)
                 t0 = time.perf_counter()
@@ -205,13 +215,17 @@ def run(args) -> dict:
                                   agg.words[bounds[i]:bounds[i + 1]], agg.vectors[bounds[i]:bounds[i + 1]])
                 records.flush()
     stages["records"]["seconds"] -= generate_s
+    stages["records"]["vectors_gb"] = disk_bytes(vectors) / 2 ** 30
+    del pq_sample
     result["generate_seconds"] = generate_s
     result["record_bytes_per_image"] = disk_bytes(records_path) / n_images
+    result["vectors_bytes_per_image"] = disk_bytes(vectors) / n_images
 
     # -- inverted file assembled from the records ---------------------------------------------------
     with Stage(stages, "index", [index_path]):
         index = index_from_records(records_path, index_path, show_progress=False)
     result["index_bytes_per_image"] = disk_bytes(index_path) / n_images
+    result["index_plus_records_gb"] = (disk_bytes(index_path) + disk_bytes(records_path)) / 2 ** 30
 
     # -- queries (planted matches) -----------------------------------------------------------------
     query_features = []
@@ -249,14 +263,17 @@ def run(args) -> dict:
     n_rerank = min(args.rerank_queries, len(targets))
     db_keys = index.slot_keys
     with Stage(stages, "rerank"):
-        with Reranker(records_path, codebook) as rr:
+        with Reranker(records_path, codebook, index=index) as rr:
             verified_first = 0
             for j in range(n_rerank):
                 keys = [db_keys[i] for i in indices[j, :args.shortlist] if i >= 0]
-                asmk, inliers, _ = rr.score_candidates(query_features[j], keys)
-                verified_first += keys[int(np.argmax(inliers))] == f"db/{int(targets[j]):06d}"
+                verify = args.record_descriptors != "none"  # "none": ASMK scores only
+                asmk, inliers, _ = rr.score_candidates(query_features[j], keys, verify=verify)
+                best = inliers if verify else asmk
+                verified_first += keys[int(np.argmax(best))] == f"db/{int(targets[j]):06d}"
             result["rerank"] = {"queries": n_rerank, "shortlist": args.shortlist,
                                 "records_read": rr.store.records_read, "bytes_read": rr.store.bytes_read,
+                                "index_lookups": rr.index_lookups,
                                 "most_inliers_is_planted": verified_first / max(n_rerank, 1)}
     for name, count in (("asmk_query", len(targets)), ("global", len(targets)), ("knn", len(targets)),
                         ("rerank", n_rerank)):
@@ -313,8 +330,13 @@ def fit(paths) -> dict:
     out["codebook_points"] = full_points
     rerank = last["rerank"]
     out["rerank_mb_read"] = rerank["bytes_read"] / rerank["queries"] * MET_RERANK_QUERIES / 2 ** 20
+    out["rerank_index_lookups"] = rerank.get("index_lookups", 0) / rerank["queries"] * MET_RERANK_QUERIES
     out["record_bytes_per_image"] = last["record_bytes_per_image"]
     out["index_bytes_per_image"] = last["index_bytes_per_image"]
+    if all("vectors_gb" in r["stages"]["records"] for r in runs):
+        out["stages"]["records"]["vectors_gb"] = linear([r["stages"]["records"]["vectors_gb"] for r in runs])
+        out["vectors_bytes_per_image"] = last["vectors_bytes_per_image"]
+    out["index_plus_records_gb"] = out["stages"]["records"]["disk_gb"] + out["stages"]["index"]["disk_gb"]
     return out
 
 
@@ -339,7 +361,8 @@ def main(argv=None) -> int:
                    help="k-means training descriptors (the full recipe: 256 per word)")
     p.add_argument("--codebook-iterations", type=int, default=10, help="k-means iterations")
     p.add_argument("--quantise-images", type=int, default=100, help="database images quantised for timing")
-    p.add_argument("--record-descriptors", choices=("int8", "full", "none"), default="int8")
+    p.add_argument("--record-descriptors", choices=("int8", "pq", "full", "none"), default="int8")
+    p.add_argument("--pq-code", default="16x8", help="with --record-descriptors pq: sub-quantisers x bits")
     p.add_argument("--rerank-queries", type=int, default=MET_RERANK_QUERIES, help="queries reranked")
     p.add_argument("--shortlist", type=int, default=100, help="candidates reranked per query")
     p.add_argument("-k", type=int, default=100, help="neighbours per query")

@@ -107,20 +107,49 @@ def _append_records(records, codebook, items, batch_size: int, bar) -> int:
     return written
 
 
-def _open_records(records_path, codebook, descriptors: str, extractor: dict, model_fingerprint, source):
+def _pq_training(sources: Sequence, images: int = 256):
+    """A function drawing the unit descriptors a pq records file's quantiser is trained on:
+    about TRAIN_POINTS of them from up to ``images`` images spread evenly over ``sources``
+    ((FeatureStore, key) pairs), a seeded random subset of each image's. Called only when a new
+    pq file is created."""
+    def draw() -> np.ndarray:
+        from ..utils import l2_normalise
+        from .pq import TRAIN_POINTS
+        chosen = [sources[i] for i in np.unique(np.linspace(0, len(sources) - 1, min(images, len(sources)))
+                                                .astype(int))] if len(sources) else []
+        per_image = -(-TRAIN_POINTS // max(len(chosen), 1))
+        rng = np.random.default_rng(0)
+        parts = []
+        for store, key in chosen:
+            d = np.asarray(store.descriptors(key), np.float32)
+            if len(d) > per_image:
+                d = d[np.sort(rng.choice(len(d), per_image, replace=False))]
+            parts.append(l2_normalise(d))
+        if not parts or not sum(len(p) for p in parts):
+            raise ValueError("no descriptors to train the records' product quantiser on")
+        return np.concatenate(parts)
+    return draw
+
+
+def _open_records(records_path, codebook, descriptors: str, extractor: dict, model_fingerprint, source,
+                  pq_code: Optional[str] = None, pq_training=None):
     from .records import RecordStore, records_settings
     codebook_name = codebook.path or "the codebook"
     check_extractor(extractor, codebook.meta.get("extractor") or {}, source, codebook_name)
     check_model(model_fingerprint, codebook.model_fingerprint, source, codebook_name)
-    settings = records_settings(codebook, descriptors, extractor, model_fingerprint or codebook.model_fingerprint)
-    return RecordStore(records_path, "a", settings)
+    settings = records_settings(codebook, descriptors, extractor, model_fingerprint or codebook.model_fingerprint,
+                                pq_code)
+    return RecordStore(records_path, "a", settings, pq_training=pq_training)
 
 
 def records_from_stores(stores: Sequence, codebook, records_path, descriptors: str = "int8",
-                        batch_size: int = 64, show_progress: bool = True) -> dict:
+                        batch_size: int = 64, show_progress: bool = True, pq_code: Optional[str] = None,
+                        keys: Optional[Sequence[str]] = None) -> dict:
     """Append the compact record (``how_met.asmk.records``) of every image of one or several
     feature stores (e.g. the shards of an extraction, as they are finished) that the records
-    file does not hold yet. Memory: one batch. Returns {"written", "skipped"}."""
+    file does not hold yet, and its aggregated vectors to the records' sidecar. Memory: one
+    batch. A new "pq" file trains its quantiser on a sample of the stores' descriptors. ``keys``:
+    only these images of the stores (default all). Returns {"written", "skipped"}."""
     codebook = load_codebook(codebook)
     opened = [FeatureStore(path, "r") for path in stores]
     try:
@@ -128,13 +157,16 @@ def records_from_stores(stores: Sequence, codebook, records_path, descriptors: s
         for store in opened[1:]:
             if store.config != first.config or store.model_fingerprint != first.model_fingerprint:
                 raise ValueError(f"{store.path}: extractor or model differs from {first.path}'s")
+        wanted = None if keys is None else set(keys)
+        listed = {id(store): [k for k in store.keys() if wanted is None or k in wanted] for store in opened}
+        every = [(store, key) for store in opened for key in listed[id(store)]]
         with _open_records(records_path, codebook, descriptors, first.config, first.model_fingerprint,
-                           first.path) as records:
+                           first.path, pq_code, _pq_training(every)) as records:
             todo, seen = [], set(records.keys())  # a key of several shards is taken once
             for store in opened:
-                todo.extend((store, key) for key in store.keys() if key not in seen)
-                seen.update(store.keys())
-            skipped = sum(len(store) for store in opened) - len(todo)
+                todo.extend((store, key) for key in listed[id(store)] if key not in seen)
+                seen.update(listed[id(store)])
+            skipped = sum(len(listed[id(store)]) for store in opened) - len(todo)
             bar = progress(total=len(todo), desc="records", unit="img", disable=None if show_progress else True)
             items = ((key, store.read(key, with_global=False)) for store, key in todo)
             written = _append_records(records, codebook, items, batch_size, bar)
@@ -147,18 +179,21 @@ def records_from_stores(stores: Sequence, codebook, records_path, descriptors: s
 
 def records_from_images(image_root, keys: Sequence[str], like, codebook, records_path,
                         descriptors: str = "int8", batch_size: int = 64, device: str = "cpu",
-                        workers: Optional[int] = None, skip_bad: bool = False, ray=None) -> dict:
+                        workers: Optional[int] = None, skip_bad: bool = False, ray=None,
+                        pq_code: Optional[str] = None) -> dict:
     """Extract the images ``keys`` with the model and settings of the feature store ``like``
     (the sample the codebook was trained on) and stream them straight into the records file:
     no raw descriptors are written. Images the records file holds are skipped (resume after a
     crash). ``ray``: extract on a Ray cluster, as ``extract_to_store(..., ray=...)`` does (True,
-    an address or a ``RayExtraction``); this process still writes every record. Returns
-    {"written", "skipped"}."""
+    an address or a ``RayExtraction``); this process still writes every record. A new "pq" file
+    trains its quantiser on descriptors of ``like``. Returns {"written", "skipped"}."""
     from ..features.extract import iter_features
     codebook = load_codebook(codebook)
     with FeatureStore(like, "r") as sample:
         extractor, fingerprint = sample.config, sample.model_fingerprint
-    with _open_records(records_path, codebook, descriptors, extractor, fingerprint, like) as records:
+        records = _open_records(records_path, codebook, descriptors, extractor, fingerprint, like, pq_code,
+                                _pq_training([(sample, key) for key in sample.keys()]))
+    with records:
         keys = sorted(dict.fromkeys(keys))
         todo = [k for k in keys if k not in records]
         bar = progress(total=len(todo), desc="records", unit="img", disable=True)  # extraction shows one
@@ -172,7 +207,8 @@ def index_from_records(records_path, out, use_idf: bool = False, keys: Optional[
                        show_progress: bool = True) -> InvertedFile:
     """Assemble the binary inverted file of the images in a records file (default all, in key
     order: the same arrays as ``build_index`` over a store of those images) and save it to the
-    directory ``out``. Two passes over the records (count the postings of every word, then
+    directory ``out``. The aggregated vectors come from the records' sidecar
+    (``<records>.vectors``), which may be deleted afterwards. Two passes over the vectors (count the postings of every word, then
     copy each image's codes to its words' places in memory-mapped arrays on disk): memory is
     the per-word offsets and a few bytes per image, whatever the size of the postings. Returns
     the saved index (memory-mapped)."""

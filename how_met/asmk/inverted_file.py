@@ -99,6 +99,10 @@ class InvertedFile:
     def __contains__(self, key: str) -> bool:
         return key in self._position
 
+    def position(self, key: str) -> Optional[int]:
+        """The image position of ``key`` (what its postings' image ids hold), None if not held."""
+        return self._position.get(key)
+
     @property
     def slot_keys(self) -> List[str]:
         """Keys of every image position, removed images included (until ``compact``): the

@@ -63,9 +63,13 @@ def _configure_index(p: argparse.ArgumentParser) -> None:
     streaming.add_argument("--records", type=Path,
                            help="compact per-image records file to stream the images (or stores) into, "
                                 "resumed if it exists; the index is then assembled from it on disk")
-    streaming.add_argument("--record-descriptors", choices=("int8", "full", "none"), default="int8",
-                           help="descriptors kept for spatial verification: int8 unit vectors, full "
-                                "(the store's exact values), none (ASMK rerank only)")
+    streaming.add_argument("--record-descriptors", choices=("int8", "pq", "full", "none"), default="int8",
+                           help="descriptors kept for spatial verification: int8 unit vectors, pq "
+                                "(product-quantised unit vectors, --pq-code), full (the "
+                                "store's exact values), none (ASMK rerank only)")
+    streaming.add_argument("--pq-code", metavar="MxB",
+                           help="with --record-descriptors pq: M sub-quantisers (dividing the descriptor "
+                                "dimension) of B bits each, M x B / 8 bytes per feature (default 16x8)")
     streaming.add_argument("--like", type=Path, metavar="STORE",
                            help="with --images/--data/--met: extract with the model and settings of "
                                 "this store (the sample the codebook was trained on)")
@@ -104,9 +108,12 @@ def _run_streaming_index(args) -> int:
     from ..asmk.indexing import index_from_records, records_from_images, records_from_stores
     if args.append or not args.binary:
         raise ValueError("--records: the binary index is assembled from every record (no --append, no --float)")
+    if args.pq_code is not None and args.record_descriptors != "pq":
+        raise ValueError("--pq-code is for --record-descriptors pq")
     if args.features is not None:
         stats = records_from_stores(args.features, args.codebook, args.records,
-                                    descriptors=args.record_descriptors, batch_size=args.batch_size)
+                                    descriptors=args.record_descriptors, batch_size=args.batch_size,
+                                    pq_code=args.pq_code)
     else:
         if args.like is None:
             raise ValueError("--images/--data/--met: give --like STORE, the features the codebook was "
@@ -115,11 +122,16 @@ def _run_streaming_index(args) -> int:
         stats = records_from_images(image_root, keys, args.like, args.codebook, args.records,
                                     descriptors=args.record_descriptors, batch_size=args.batch_size,
                                     device=args.device, workers=args.workers, skip_bad=args.skip_bad,
-                                    ray=args.ray)
+                                    ray=args.ray, pq_code=args.pq_code)
     ivf = index_from_records(args.records, args.out, use_idf=args.idf)
     summary = _index_summary(args.out, ivf)
+    from ..asmk.records import vectors_path
+    sidecar = vectors_path(args.records)
     summary.update(records=str(args.records), records_written=stats["written"],
-                   record_bytes_per_image=round(args.records.stat().st_size / max(len(ivf), 1), 1))
+                   record_bytes_per_image=round(args.records.stat().st_size / max(len(ivf), 1), 1),
+                   vectors=str(sidecar),  # consumed by the assembly: may be deleted now
+                   vectors_bytes_per_image=round(sidecar.stat().st_size / max(len(ivf), 1), 1)
+                   if sidecar.exists() else None)
     print(json.dumps(summary))
     return 0
 

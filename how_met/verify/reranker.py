@@ -57,6 +57,7 @@ from ..features.settings import check_model
 from ..features.store import LocalFeatures
 from ..utils import l2_normalise
 from .geometry import MODELS, RansacResult, ransac
+from .index_codes import codes_from_index
 from .matching import mutual_nearest_neighbours, scale_consistent, shared_word_matches
 from .scores import FusionWeights, fuse_scores
 
@@ -129,17 +130,18 @@ class _ImageData:
     """What the reranker needs of one image (query or candidate), computed once."""
 
     words: np.ndarray            # (m,) sorted unique visual words of the aggregated vectors
-    codes: np.ndarray            # (m, 2) uint64 packed sign codes of the aggregated residuals
+    codes: Optional[np.ndarray]  # (m, 2) uint64 packed sign codes; None: looked up in the index
     keypoints: np.ndarray        # (n, 2) float64 image coordinates
     cells: np.ndarray            # (n,) cell size of each feature in original-image pixels
     diagonal: float              # original image diagonal in pixels
     unit_descriptors: np.ndarray  # (n, D) float32 L2-normalised descriptors
     feature_words: np.ndarray     # (n, k) words of each feature (query) or (n,) (candidate)
+    slot: int = -1                # the candidate's image position in the index (codes None)
 
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.words, self.codes, self.keypoints, self.cells,
-                                      self.unit_descriptors, self.feature_words))
+                                      self.unit_descriptors, self.feature_words) if a is not None)
 
 
 class Reranker:
@@ -147,9 +149,11 @@ class Reranker:
 
     store: FeatureStore, or RecordStore of compact records (``how_met.asmk.records``), or the
       path of either, holding the database images' local features. Records give the same
-      scores as the store they were made from ("full" descriptors; "int8": the same ASMK
-      scores, verification within quantisation noise; "none": ASMK scores only) and a
-      candidate costs one record read, without quantisation.
+      scores as the store they were made from ("full" descriptors; "int8", "pq": the same ASMK
+      scores, verification on quantised descriptors; "none": ASMK scores only) and a
+      candidate costs one record read, without quantisation. Records keep no aggregated
+      codes: with ``index`` (the one assembled from them) they are looked up in its postings
+      (``how_met.verify.index_codes``), else read from the records' sidecar while it exists.
     codebook: the ``how_met.asmk.codebook.Codebook`` (or its path) the ASMK index was built with.
     stride: feature-map stride in pixels (default: the store's extractor config).
     multiple_assignment, alpha, tau: ASMK query assignment and selective kernel.
@@ -174,6 +178,7 @@ class Reranker:
                  cache_mb: float = 512.0):
         self.codebook = load_codebook(codebook)
         self.centroids = self.codebook.centroids
+        self.index = None
         if index is not None:
             index = load_index(index, self.codebook)
             if not index.binary:
@@ -192,9 +197,17 @@ class Reranker:
                 raise ValueError(f"{self.store.path}: records were quantised with another codebook "
                                  f"({self.store.codebook_fingerprint}) than "
                                  f"{self.codebook.path or 'the codebook given'} ({self.codebook.fingerprint})")
+            if isinstance(self.store, RecordStore) and not self.store.holds_codes:
+                if index is not None and hasattr(index, "position"):
+                    self.index = index  # candidates' codes from its postings
+                elif not self.store.has_vectors:
+                    raise ValueError(f"{self.store.path}: records keep no aggregated vectors and their "
+                                     f"sidecar is gone: pass index= (the inverted file assembled from them) "
+                                     f"for ASMK scores")
         except ValueError:
             self.close()
             raise
+        self.index_lookups = 0  # (image, word) codes read from the index
         if stride is None:
             stride = self.store.config.get("stride")
             if stride is None:
@@ -249,8 +262,20 @@ class Reranker:
                           unit_descriptors=l2_normalise(feats.descriptors),
                           feature_words=np.ascontiguousarray(feature_words))
 
-    def _from_record(self, record: ImageRecord) -> _ImageData:
-        return self._image_data(record.features, record.words, record.codes, record.feature_words)
+    def _from_record(self, key: str, record: ImageRecord) -> _ImageData:
+        codes, slot = record.codes, -1
+        if codes is None and self.index is not None:
+            slot = self.index.position(key)
+            if slot is None:
+                raise KeyError(f"{self.index.path or 'the inverted file'}: does not hold {key!r} (the "
+                               f"ASMK codes of records come from the index assembled from them)")
+        elif codes is None:  # the sidecar, while it exists
+            words, codes = self.store.read_words(key)
+            if not np.array_equal(words, record.words):
+                raise ValueError(f"{self.store.vectors_path}: words of {key!r} disagree with its record")
+        data = self._image_data(record.features, record.words, codes, record.feature_words)
+        data.slot = int(slot)
+        return data
 
     def prepare_query(self, query: LocalFeatures, name: str = "query") -> _ImageData:
         """Quantise (multiple assignment) and aggregate a query once for several rerank calls."""
@@ -265,7 +290,7 @@ class Reranker:
             return data
         self.cache_misses += 1
         if isinstance(self.store, RecordStore):
-            data = self._from_record(self.store.read(key))
+            data = self._from_record(key, self.store.read(key))
         else:
             data = self._prepare(self.store.read(key, with_global=False), 1, f"{self.store.path}:{key}")
             data.feature_words = np.ascontiguousarray(data.feature_words[:, 0])
@@ -286,11 +311,18 @@ class Reranker:
             return np.zeros(0, np.float32)
         owner = np.repeat(np.arange(len(candidates)), [len(c.words) for c in candidates])
         words = np.concatenate([c.words for c in candidates])
-        codes = np.concatenate([c.codes for c in candidates])
         pos = np.minimum(np.searchsorted(query.words, words), max(len(query.words) - 1, 0))
         hit = query.words[pos] == words if len(query.words) else np.zeros(len(words), bool)
+        width = query.codes.shape[1]
+        codes = np.concatenate([c.codes if c.codes is not None else np.zeros((len(c.words), width), np.uint64)
+                                for c in candidates])[hit]
+        in_index = np.array([c.codes is None for c in candidates])[owner[hit]]
+        if in_index.any():  # only the shared words' codes are read from the index
+            slots = np.array([c.slot for c in candidates], np.int64)[owner[hit][in_index]]
+            codes[in_index] = codes_from_index(self.index, slots, words[hit][in_index])
+            self.index_lookups += int(in_index.sum())
         # The inverted file's kernel: a table over Hamming distances (same float values).
-        kernel = self._kernel_table[hamming(query.codes[pos[hit]], codes[hit])]
+        kernel = self._kernel_table[hamming(query.codes[pos[hit]], codes)]
         if self.idf is not None:
             kernel = kernel * self.idf[words[hit]]
         sums = np.bincount(owner[hit], weights=kernel, minlength=len(candidates))
@@ -332,7 +364,7 @@ class Reranker:
         p = self.spatial
         if not cand.unit_descriptors.shape[1]:
             raise ValueError(f"{self.store.path}: records without descriptors (--record-descriptors "
-                             f"none) give ASMK scores only; verification needs int8 or full records")
+                             f"none) give ASMK scores only; verification needs pq, int8 or full records")
         q, d, _ = self.correspondences(query, cand)
         tentative = len(q)
         # Scale change implied by the two features: database cell over query cell.

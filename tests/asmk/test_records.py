@@ -11,7 +11,9 @@ from how_met.asmk.codebook import Codebook
 from how_met.asmk.indexing import build_index, index_from_records, records_from_images, records_from_stores
 from how_met.asmk.inverted_file import InvertedFile
 from how_met.asmk.query import query_store
-from how_met.asmk.records import RecordStore, RecordsError
+from how_met.asmk.pq import ProductQuantiser
+from how_met.asmk.records import RecordStore, RecordsError, vectors_path
+from how_met.features.journal import Journal
 from how_met.features.extract import extract_to_store
 from how_met.features.store import FeatureStore
 from how_met.neighbours import Neighbours
@@ -96,26 +98,165 @@ def _scores(source, m, shortlist):
     return out, read
 
 
+def _index_of(path, tmp_path, name):
+    return index_from_records(path, tmp_path / f"{name}-index", show_progress=False)
+
+
+def _scores_with_index(source, m, shortlist, index):
+    with Reranker(source, m["codebook"], multiple_assignment=3, index=index) as rr, \
+            FeatureStore(m["queries"]) as qs:
+        out = [rr.score_candidates(rr.prepare_query(qs.read(q, with_global=False)),
+                                   [key for key, _ in shortlist.top(q)])[:2] for q in shortlist.query_keys]
+        return out, rr.store.records_read, rr.index_lookups
+
+
 def test_rerank_from_records_gives_the_full_store_scores(museum_small, shortlist, tmp_path):
+    """full records: the store's scores exactly; int8 and pq: the same ASMK scores (the codes
+    come from the index the records assembled, or from the sidecar), inlier counts within the
+    tolerances below; one read of each shortlisted record."""
     m = museum_small
     reference, _ = _scores(m["db"], m, shortlist)
-    for kind in ("full", "int8"):
+    candidates = {key for keys, _, _ in reference for key in keys}
+    assert max(inliers.max() for _, _, inliers in reference) >= 20  # true matches verified
+    for kind in ("full", "int8", "pq"):
         path = tmp_path / f"{kind}.rec"
-        records_from_stores([m["db"]], m["codebook"], path, descriptors=kind, show_progress=False)
-        scores, (records_read, bytes_read) = _scores(path, m, shortlist)
-        candidates = {key for keys, _, _ in reference for key in keys}
+        records_from_stores([m["db"]], m["codebook"], path, descriptors=kind, show_progress=False,
+                            pq_code="8x8" if kind == "pq" else None)
+        from_sidecar, (records_read, bytes_read) = _scores(path, m, shortlist)
+        from_index, read_with_index, lookups = _scores_with_index(path, m, shortlist, _index_of(path, tmp_path, kind))
         with RecordStore(path) as records:  # I/O: one read of each shortlisted record, nothing else
-            assert records_read == len(candidates) < len(records) + 1
+            assert records_read == read_with_index == len(candidates) < len(records) + 1
             assert bytes_read == sum(records.record_bytes(k) for k in candidates)
-        for (keys, asmk, inliers), (keys_r, asmk_r, inliers_r) in zip(reference, scores):
-            assert keys == keys_r
-            np.testing.assert_array_equal(asmk, asmk_r)  # the index's own codes: exact
+        assert lookups > 0  # the ASMK codes were read from the index's postings
+        for (keys, asmk, inliers), (_, asmk_s, inliers_s), (asmk_i, inliers_i) in zip(reference, from_sidecar,
+                                                                                       from_index):
+            np.testing.assert_array_equal(asmk, asmk_s)  # the index's own codes: exact
+            np.testing.assert_array_equal(asmk, asmk_i)
+            np.testing.assert_array_equal(inliers_s, inliers_i)
             if kind == "full":
-                np.testing.assert_array_equal(inliers, inliers_r)
-            else:  # descriptors within int8 rounding: a pair at the similarity threshold may flip
-                assert np.abs(inliers.astype(int) - inliers_r).max() <= max(3, 0.1 * inliers.max())
-                assert np.argmax(inliers) == np.argmax(inliers_r)
-        assert max(inliers.max() for _, _, inliers in reference) >= 20  # true matches verified
+                np.testing.assert_array_equal(inliers, inliers_i)
+            elif kind == "int8":  # within int8 rounding: a pair at the similarity threshold may flip
+                assert np.abs(inliers.astype(int) - inliers_i).max() <= max(3, 0.1 * inliers.max())
+                assert np.argmax(inliers) == np.argmax(inliers_i)
+            else:  # 8 x 8 bits (here 64-D: 8 dims per byte): coarse, still verifies
+                assert np.argmax(inliers) == np.argmax(inliers_i)  # the same best candidate
+                best = inliers.max()
+                if best >= 20:  # a verified true match keeps at least half its inliers
+                    assert inliers_i.max() >= 0.5 * best, (inliers, inliers_i)
+                assert np.abs(inliers.astype(int) - inliers_i).max() <= max(10, 0.5 * best)
+
+
+def test_records_keep_no_aggregated_vectors(museum_small, shortlist, tmp_path):
+    """The codes live in the sidecar the index is assembled from (the same index as the batch
+    build); once it is deleted the records still rerank with the store's ASMK scores through the
+    index, and refuse, in one line, what needs the sidecar."""
+    m = museum_small
+    path = tmp_path / "db.rec"
+    records_from_stores([m["db"]], m["codebook"], path, descriptors="pq", show_progress=False)
+    with RecordStore(path) as records:
+        names = {name for key in records.keys() for name, _, _ in records._journal.images[key][1]["arrays"]}
+        assert names == {"feature_words", "locations", "scale_index", "attention", "pq_codes"}
+        assert not records.holds_codes and records.vectors_path.exists()
+    index = _index_of(path, tmp_path, "pq")
+    _assert_same_index(index, m["batch"])
+    reference, _ = _scores(m["db"], m, shortlist)
+    vectors_path(path).unlink()
+    with pytest.raises(RecordsError, match="gone") as refused:
+        index_from_records(path, tmp_path / "again", show_progress=False)
+    assert "\n" not in str(refused.value) and str(path) in str(refused.value)
+    with pytest.raises(ValueError, match="pass index="):
+        Reranker(path, m["codebook"])
+    scores, _, _ = _scores_with_index(path, m, shortlist, index)
+    for (_, asmk, _), (asmk_i, _) in zip(reference, scores):
+        np.testing.assert_array_equal(asmk, asmk_i)
+    other = index_from_records(tmp_path / "full.rec", tmp_path / "other", keys=m["db_keys"][:3],
+                               show_progress=False) if records_from_stores(
+        [m["db"]], m["codebook"], tmp_path / "full.rec", descriptors="full", show_progress=False) else None
+    with Reranker(path, m["codebook"], index=other) as rr, FeatureStore(m["queries"]) as qs, \
+            pytest.raises(KeyError, match="does not hold"):
+        q = shortlist.query_keys[0]
+        rr.score_candidates(qs.read(q, with_global=False), [m["db_keys"][-1]])
+
+
+def test_pq_records_round_trip_through_files(museum_small, tmp_path):
+    m = museum_small
+    path = tmp_path / "db.rec"
+    records_from_stores([m["db"]], m["codebook"], path, descriptors="pq", pq_code="16x6", show_progress=False)
+    with RecordStore(path) as records, FeatureStore(m["db"]) as store:
+        pq = records.pq
+        assert (pq.subquantizers, pq.bits, pq.code_bytes) == (16, 6, 12) and records.settings["pq_code"] == "16x6"
+        again = ProductQuantiser.from_header(pq.to_header(), pq.dim)
+        np.testing.assert_array_equal(again.centroids, pq.centroids)
+        for key in m["db_keys"][:4]:
+            feats, record = store.read(key, with_global=False), records.read(key)
+            unit = feats.descriptors / np.linalg.norm(feats.descriptors, axis=1, keepdims=True)
+            np.testing.assert_array_equal(record.features.descriptors, pq.decode(pq.encode(unit)))
+            cos = np.einsum("ij,ij->i", unit, record.features.descriptors) / np.linalg.norm(
+                record.features.descriptors, axis=1)
+            assert np.median(cos) > 0.8  # 12 bytes for 64 dims
+            np.testing.assert_array_equal(record.features.locations, feats.locations)
+            np.testing.assert_array_equal(record.features.scales, feats.scales)
+            assert record.features.image_size == feats.image_size
+            assert np.abs(record.features.strengths - feats.strengths).max() <= feats.strengths.max() / 254
+            np.testing.assert_array_equal(record.words, np.unique(record.feature_words))
+            assert records.record_bytes(key) == len(feats) * (2 + 2 + 1 + 1 + 12)
+    with pytest.raises(RecordsError, match="other settings"):  # appending with another code size
+        records_from_stores([m["db"]], m["codebook"], path, descriptors="pq", pq_code="16x8", show_progress=False)
+    for bad in ("7x8", "16x9", "16x", "x8", 16.0):
+        with pytest.raises(ValueError, match="dividing"):
+            records_from_stores([m["db"]], m["codebook"], tmp_path / "x.rec", descriptors="pq", pq_code=bad)
+    assert not (tmp_path / "x.rec").exists()  # refused before anything is written
+
+
+def _tampered(path, pq_header, **attrs):
+    header = {"format": "how-met-records", "format_version": 2, "n_words": 64, "dim": 64,
+              "descriptors": "pq", "pq_code": "8x8", "extractor": {}, "model_fingerprint": None,
+              "codebook_fingerprint": None, "pq": pq_header, **attrs}
+    journal = Journal(path)
+    journal.set_attrs(header)
+    journal.close()
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"subquantizers": 3}, "covers 3 x 8"),
+    ({"subquantizers": True}, "subquantizers is True"),
+    ({"dsub": 16}, "covers 8 x 16"),
+    ({"centroids_per_subspace": 65536}, "centroids per sub-space"),
+    ({"centroids_per_subspace": 100}, "centroids per sub-space"),
+    ({"centroids_f4": "not base64!"}, "not base64"),
+    ({"centroids_f4": "AAAA"}, "hold 3 bytes"),
+    ({"centroids_f4": "A" * 10 ** 6}, "longer than declared"),
+    ({"centroids_f4": None}, "missing"),
+    ("nan", "NaN"),
+    (None, "not a mapping"),
+])
+def test_hostile_pq_headers_are_refused(tmp_path, change, message):
+    good = ProductQuantiser(np.random.default_rng(0).normal(size=(8, 256, 8))).to_header()
+    if change == "nan":
+        bad = ProductQuantiser(np.zeros((8, 256, 8))).centroids.copy()
+        bad[3, 7, 1] = np.nan
+        pq_header = dict(good, centroids_f4=__import__("base64").b64encode(bad.astype("<f4").tobytes()).decode())
+    else:
+        pq_header = None if change is None else dict(good, **change)
+    path = _tampered(tmp_path / "bad.rec", pq_header)
+    with pytest.raises(RecordsError, match=message) as refused:
+        RecordStore(path)
+    assert "\n" not in str(refused.value) and str(path) in str(refused.value)
+    assert RecordStore(_tampered(tmp_path / "good.rec", good)).pq.subquantizers == 8
+
+
+@pytest.mark.parametrize("attrs, message", [
+    ({"format_version": 3}, "supported version"), ({"format_version": True}, "supported version"),
+    ({"dim": "64"}, "dim is"), ({"descriptors": "pq4"}, "not one of"), ({"pq_code": "16x8"}, "disagrees"),
+    ({"dim": 128}, "covers 8 x 8"),
+])
+def test_hostile_records_headers_are_refused(tmp_path, attrs, message):
+    good = ProductQuantiser(np.random.default_rng(0).normal(size=(8, 256, 8))).to_header()
+    path = _tampered(tmp_path / "bad.rec", good, **attrs)
+    with pytest.raises(RecordsError, match=message) as refused:
+        RecordStore(path)
+    assert "\n" not in str(refused.value)
 
 
 def test_records_without_descriptors_score_asmk_only(museum_small, shortlist, tmp_path):

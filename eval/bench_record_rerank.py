@@ -37,7 +37,7 @@ from how_met.pipeline.stages import aligned, load_rerank_scores  # noqa: E402
 from how_met.recognition.fusion import fusion_grid  # noqa: E402
 from how_met.recognition.protocol import protocol_folds, tune_and_test  # noqa: E402
 from how_met.utils import configure_threads  # noqa: E402
-from how_met.verify.reranker import Reranker  # noqa: E402
+from how_met.verify.reranker import Reranker, SpatialParams  # noqa: E402
 from how_met.verify.scores import score_shortlist  # noqa: E402
 
 
@@ -78,8 +78,14 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="fold splits (seeds 0..N-1)")
     p.add_argument("--tmp", type=Path, help="where the records go (default: a temporary folder)")
     p.add_argument("--json", type=Path)
+    p.add_argument("--spatial", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="SpatialParams for the record kinds (e.g. min_similarity=0.5); the store keeps evaluate's")
     args = p.parse_args(argv)
     configure_threads()
+    params = {k: float(v) for k, v in (kv.split("=") for kv in args.spatial)}
+    if "min_similarity" in params:  # for every record kind, pq included
+        params.setdefault("min_similarity_pq", params["min_similarity"])
+    spatial = SpatialParams(**params)
     ds = load_dataset(args.data)
     results = json.loads((args.work / "results.json").read_text())
     settings = results["settings"]
@@ -93,7 +99,7 @@ def main(argv=None) -> int:
     if store_scores is None:
         with Reranker(features, codebook, multiple_assignment=ma) as r:
             store_scores = score_shortlist(r, features, short, show_progress=False)
-    out = {"set": ds.name, "queries": len(ds.query_keys), "database": len(ds.db_keys),
+    out = {"set": ds.name, "queries": len(ds.query_keys), "database": len(ds.db_keys), "spatial": args.spatial,
            "store": {"gap": gaps(store_scores, ds, settings, args.repeats)}}
     print(ds.name, "store", json.dumps(out["store"]), flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="record-rerank-", dir=args.tmp))
@@ -105,7 +111,7 @@ def main(argv=None) -> int:
                                 keys=ds.db_keys, show_progress=False)
             index = index_from_records(path, tmp / f"{kind}.index", show_progress=False)
             started = time.perf_counter()
-            with Reranker(path, codebook, multiple_assignment=ma, index=index) as r:
+            with Reranker(path, codebook, multiple_assignment=ma, index=index, spatial=spatial) as r:
                 # "none" keeps no descriptors: ASMK scores only, no inliers (the no-verification baseline)
                 scores = score_shortlist(r, features, short, verify=kind != "none", show_progress=False)
                 lookups = r.index_lookups

@@ -3,6 +3,7 @@
     python eval/bench_scale.py --images 397121 --queries 21484 --json met.json   # the full Met
     python eval/bench_scale.py --images 2000 --queries 50 --json small.json      # smaller runs
     python eval/bench_scale.py --fit a.json b.json c.json --json fit.json        # fit the growth
+    python eval/bench_scale.py --disk none,int8,full,pq16x6 --images 2000        # bytes per record kind
 
 Synthetic local features with Met statistics (``eval/bench_asmk.py``'s generator: 128-D
 descriptors around 65,536 word centres with Zipf-like word popularity, 1,000 descriptors on ~700
@@ -47,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -153,6 +155,65 @@ class MetStatistics(SyntheticMuseum):
         return g / np.linalg.norm(g, axis=1, keepdims=True)
 
 
+def write_records(data, n_images: int, descriptors: int, records_path: Path, settings: dict, pq_sample) -> float:
+    """Every database image's record (its aggregated vectors to the sidecar), as ``how-met index
+    --records`` streams them; returns the seconds spent generating the synthetic features."""
+    generate_s = 0.0
+    with RecordStore(records_path, "a", settings, pq_training=lambda: pq_sample) as records:
+        for start in range(0, n_images, BATCH):
+            stop = min(n_images, start + BATCH)
+            t0 = time.perf_counter()
+            desc, words, image = data.database_batch(start, stop)
+            generate_s += time.perf_counter() - t0
+            agg = aggregate(desc, words, data.centroids, image)
+            bounds = np.searchsorted(agg.images, np.arange(stop - start + 1))
+            for i in range(stop - start):
+                sl = slice(i * descriptors, (i + 1) * descriptors)
+                records.write(f"db/{start + i:06d}", data.features(start + i, desc[sl]), words[sl],
+                              agg.words[bounds[i]:bounds[i + 1]], agg.vectors[bounds[i]:bounds[i + 1]])
+            records.flush()
+    return generate_s
+
+
+def disk(args) -> dict:
+    """Bytes on disk of every record kind of ``--disk`` (records, their sidecar, the index), at
+    ``--images`` / 2 and ``--images`` images, fitted as a + b * images (the pq quantiser's
+    header is the a) and extrapolated to the Met. No codebook is trained: the generator's word
+    centres quantise, the pq quantiser learns from the first images' descriptors."""
+    configure_threads(args.threads)
+    data = MetStatistics(args.words, seed=args.seed, descriptors=args.descriptors,
+                         words_per_image=args.descriptors * 7 // 10)
+    codebook = Codebook.from_centroids(data.centroids)
+    pq_sample = l2_normalise(data.database_batch(0, max(1, 65_536 // args.descriptors))[0])
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-scale-disk-"))
+    work.mkdir(parents=True, exist_ok=True)
+    sizes = [args.images // 2, args.images]
+    out = {"images": MET_IMAGES, "measured_sizes": sizes, "descriptors_per_image": args.descriptors,
+           "words": args.words, "disk": {}}
+    for kind in args.disk.split(","):
+        descriptors, code = ("pq", kind[2:] or None) if kind.startswith("pq") else (kind, None)
+        measured = []
+        for n in sizes:
+            records_path, index_path = work / f"{kind}-{n}.records", work / f"{kind}-{n}.index"
+            settings = records_settings(codebook, descriptors, {"stride": STRIDE}, None, code)
+            write_records(data, n, args.descriptors, records_path, settings, pq_sample)
+            index_from_records(records_path, index_path, show_progress=False)
+            measured.append([disk_bytes(p) for p in (records_path, vectors_path(records_path), index_path)])
+            for p in (records_path, vectors_path(records_path)):
+                p.unlink()
+            shutil.rmtree(index_path)
+        (r0, v0, i0), (r1, v1, i1) = measured
+        per_image = [(b - a) / (sizes[1] - sizes[0]) for a, b in ((r0, r1), (v0, v1), (i0, i1))]
+        met = [a + (b - a) / (sizes[1] - sizes[0]) * (MET_IMAGES - sizes[0]) for a, b in ((r0, r1), (v0, v1), (i0, i1))]
+        out["disk"][kind] = {"record_bytes_per_image": per_image[0], "vectors_bytes_per_image": per_image[1],
+                             "index_bytes_per_image": per_image[2], "met_records_gib": met[0] / 2 ** 30,
+                             "met_vectors_gib": met[1] / 2 ** 30, "met_index_gib": met[2] / 2 ** 30,
+                             "met_index_plus_records_gib": (met[0] + met[2]) / 2 ** 30,
+                             "met_index_plus_records_gb": (met[0] + met[2]) / 1e9}
+        print(kind, json.dumps({k: round(v, 2) for k, v in out["disk"][kind].items()}), flush=True)
+    return out
+
+
 def run(args) -> dict:
     threads = configure_threads(args.threads)
     data = MetStatistics(args.words, seed=args.seed, descriptors=args.descriptors,
@@ -197,23 +258,10 @@ def run(args) -> dict:
     # -- records: stream every image into its compact record ---------------------------------------
     rng = np.random.default_rng(args.seed)
     targets = np.sort(rng.choice(n_images, args.queries, replace=args.queries > n_images))
-    generate_s = 0.0
     settings = records_settings(codebook, args.record_descriptors, {"stride": STRIDE}, None,
                                 args.pq_code if args.record_descriptors == "pq" else None)
     with Stage(stages, "records", [records_path]):
-        with RecordStore(records_path, "a", settings, pq_training=lambda: pq_sample) as records:
-            for start in range(0, n_images, BATCH):
-                stop = min(n_images, start + BATCH)
-                t0 = time.perf_counter()
-                desc, words, image = data.database_batch(start, stop)
-                generate_s += time.perf_counter() - t0
-                agg = aggregate(desc, words, data.centroids, image)
-                bounds = np.searchsorted(agg.images, np.arange(stop - start + 1))
-                for i in range(stop - start):
-                    sl = slice(i * args.descriptors, (i + 1) * args.descriptors)
-                    records.write(f"db/{start + i:06d}", data.features(start + i, desc[sl]), words[sl],
-                                  agg.words[bounds[i]:bounds[i + 1]], agg.vectors[bounds[i]:bounds[i + 1]])
-                records.flush()
+        generate_s = write_records(data, n_images, args.descriptors, records_path, settings, pq_sample)
     stages["records"]["seconds"] -= generate_s
     stages["records"]["vectors_gb"] = disk_bytes(vectors) / 2 ** 30
     del pq_sample
@@ -362,7 +410,7 @@ def main(argv=None) -> int:
     p.add_argument("--codebook-iterations", type=int, default=10, help="k-means iterations")
     p.add_argument("--quantise-images", type=int, default=100, help="database images quantised for timing")
     p.add_argument("--record-descriptors", choices=("int8", "pq", "full", "none"), default="int8")
-    p.add_argument("--pq-code", default="16x8", help="with --record-descriptors pq: sub-quantisers x bits")
+    p.add_argument("--pq-code", default="8x8", help="with --record-descriptors pq: sub-quantisers x bits")
     p.add_argument("--rerank-queries", type=int, default=MET_RERANK_QUERIES, help="queries reranked")
     p.add_argument("--shortlist", type=int, default=100, help="candidates reranked per query")
     p.add_argument("-k", type=int, default=100, help="neighbours per query")
@@ -371,7 +419,15 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, help="folder for the records and the index (default: a temporary one)")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--fit", type=Path, nargs="+", help="fit and extrapolate these --json results instead")
+    p.add_argument("--disk", metavar="KINDS",
+                   help="only the bytes on disk of these record kinds (e.g. none,int8,full,pq16x8,pq16x6) at "
+                        "--images / 2 and --images images, extrapolated to the Met")
     args = p.parse_args(argv)
+    if args.disk:
+        result = disk(args)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1) + "\n")
+        return 0
     result = fit(args.fit) if args.fit else run(args)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")

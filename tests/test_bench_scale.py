@@ -67,3 +67,16 @@ def test_fit_extrapolates_to_the_met(runs, tmp_path, capsys):
     assert "EXTRAPOLATION" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="three"):
         bench_scale.fit(runs[:2])
+
+
+def test_disk_of_every_record_kind(tmp_path):
+    path = tmp_path / "disk.json"
+    bench_scale.main(["--disk", "none,int8,pq16x6", "--images", "40", "--words", "128", "--descriptors", "200",
+                      "--threads", "1", "--work", str(tmp_path / "w"), "--json", str(path)])
+    disk = json.loads(path.read_text())["disk"]
+    per_feature = {"none": 6, "int8": 6 + 128 + 4, "pq16x6": 6 + 12}  # word, cell, scale, attention + descriptor
+    for kind, size in per_feature.items():
+        assert 200 * size < disk[kind]["record_bytes_per_image"] < 200 * size + 500  # + the record's header
+        assert disk[kind]["met_index_plus_records_gib"] == pytest.approx(
+            disk[kind]["met_records_gib"] + disk[kind]["met_index_gib"])
+    assert disk["none"]["vectors_bytes_per_image"] == disk["pq16x6"]["vectors_bytes_per_image"] > 0

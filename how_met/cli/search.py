@@ -69,7 +69,7 @@ def _configure_index(p: argparse.ArgumentParser) -> None:
                                 "store's exact values), none (ASMK rerank only)")
     streaming.add_argument("--pq-code", metavar="MxB",
                            help="with --record-descriptors pq: M sub-quantisers (dividing the descriptor "
-                                "dimension) of B bits each, M x B / 8 bytes per feature (default 16x8)")
+                                "dimension) of B bits each, M x B / 8 bytes per feature (default 8x8: 8 bytes)")
     streaming.add_argument("--like", type=Path, metavar="STORE",
                            help="with --images/--data/--met: extract with the model and settings of "
                                 "this store (the sample the codebook was trained on)")

@@ -91,6 +91,10 @@ class SpatialParams:
       neighbours among features sharing a visual word: no n x m similarity matrix).
     model: "homography" or "affine".
     min_similarity: lowest cosine similarity of a pair (of L2-normalised descriptors);
+      min_similarity_pq: the same for candidates read from ``pq`` records (product-quantised
+      descriptors: their similarity is the query's with a reconstruction, off by ~0.05 (std),
+      which at 0.6 loses true pairs; 0.5 measured better on grocery and landmarks, README "Met
+      at full scale"; None: min_similarity);
       max_per_word: for "words", words with more database features are skipped.
     max_correspondences: the most similar pairs kept for RANSAC.
     threshold: inlier reprojection error, in cells of the database feature (a feature's cell is
@@ -106,6 +110,7 @@ class SpatialParams:
     matching: str = "words"
     model: str = "affine"
     min_similarity: float = 0.6
+    min_similarity_pq: Optional[float] = 0.5
     max_per_word: int = 256
     max_correspondences: int = 1000
     threshold: float = 2.0
@@ -329,16 +334,21 @@ class Reranker:
         norms = np.array([self._norm(c.words) for c in candidates]) * self._norm(query.words)
         return (sums / np.maximum(norms, 1e-12)).astype(np.float32)
 
+    def _min_similarity(self) -> float:
+        p = self.spatial
+        pq = isinstance(self.store, RecordStore) and self.store.descriptors_kind == "pq"
+        return p.min_similarity_pq if pq and p.min_similarity_pq is not None else p.min_similarity
+
     def correspondences(self, query: _ImageData, cand: _ImageData
                         ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Tentative (query_ids, db_ids, similarity), the best ``max_correspondences`` of them."""
         p = self.spatial
         if p.matching == "mnn":
             q, d, s = mutual_nearest_neighbours(query.unit_descriptors, cand.unit_descriptors,
-                                                p.min_similarity)
+                                                self._min_similarity())
         else:
             q, d, s = shared_word_matches(query.feature_words, cand.feature_words, query.unit_descriptors,
-                                          cand.unit_descriptors, p.min_similarity, p.max_per_word)
+                                          cand.unit_descriptors, self._min_similarity(), p.max_per_word)
         if len(s) > p.max_correspondences:
             top = np.argsort(-s, kind="stable")[:p.max_correspondences]
             q, d, s = q[top], d[top], s[top]

@@ -38,14 +38,16 @@ from how_met.recognition.fusion import fusion_grid  # noqa: E402
 from how_met.recognition.protocol import protocol_folds, tune_and_test  # noqa: E402
 from how_met.utils import configure_threads  # noqa: E402
 from how_met.verify.reranker import Reranker, SpatialParams  # noqa: E402
-from how_met.verify.scores import score_shortlist  # noqa: E402
+from how_met.verify.scores import FusionWeights, score_shortlist  # noqa: E402
 
 
 def gaps(scores, ds, settings, repeats: int):
+    # the fusion weights evaluate uses: the fixed default unless the run tuned them
+    grid = fusion_grid() if settings.get("rerank_weights") == "tuned" else [FusionWeights()]
     out = []
     for seed in range(repeats):
         _, folds = protocol_folds(ds, settings.get("cv") or 2, seed)
-        cands = [(w.as_dict(), *aligned(scores.fuse(w), ds)) for w in fusion_grid()]
+        cands = [(w.as_dict(), *aligned(scores.fuse(w), ds)) for w in grid]
         out.append(tune_and_test(cands, ds, folds, settings["target_precision"])["metrics"]["GAP"])
     return out
 

@@ -2,6 +2,8 @@
 
     python eval/bench_search_kernel.py                    # 397,121 images: ~275M postings, ~6 GB of RAM
     python eval/bench_search_kernel.py --images 40000     # bench_asmk's largest size
+    python eval/bench_search_kernel.py --pipeline 64 --threads 1 2   # + the whole query path
+
 
 A synthetic inverted file with the word statistics of eval/bench_asmk.py's generator (the Met
 statistics of eval/bench_scale.py: 65,536 words of Zipf-like popularity, ~692 distinct words per
@@ -11,6 +13,12 @@ Only the kernel is timed (``how_met.asmk.kernels.search_binary``, one thread, to
 time (process time: the figure to compare on a loaded machine), against the kernel it replaced
 (the stamp-per-image kernel, kept in tests/asmk/test_search_kernel.py as the reference); the two
 rankings are checked to be identical.
+
+``--pipeline N`` then times the library's whole ASMK query path (``how_met.asmk.query.
+query_descriptors``: the codebook's default assignment, grouped at 65,536 words, with multiple
+assignment 5; aggregation; the search, top 100) on N generator queries of 1,000 descriptors, in
+batches of 32, against the same index, for each of ``--threads`` (wall and CPU time; the number
+of queries scales the time linearly, so the 21,484 Met queries are extrapolated from it).
 """
 from __future__ import annotations
 
@@ -27,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_asmk import SyntheticMuseum  # noqa: E402
 from how_met.asmk import codes, kernels  # noqa: E402
 from how_met.asmk.codebook import Codebook  # noqa: E402
+from how_met.asmk.inverted_file import InvertedFile  # noqa: E402
+from how_met.asmk.query import query_descriptors  # noqa: E402
 from how_met.utils import configure_threads  # noqa: E402
 
 
@@ -57,6 +67,10 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=397_121)
     p.add_argument("--queries", type=int, default=8)
     p.add_argument("--repeats", type=int, default=2, help="timed runs of each kernel (alternating)")
+    p.add_argument("--pipeline", type=int, default=0, metavar="N",
+                   help="also time the whole query path on N queries (0: not)")
+    p.add_argument("--threads", type=int, nargs="+", default=[1], help="thread counts of --pipeline")
+    p.add_argument("--met-queries", type=int, default=21_484, help="queries to extrapolate --pipeline to")
     args = p.parse_args(argv)
     configure_threads(1)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "asmk"))
@@ -94,7 +108,32 @@ def main(argv=None) -> int:
             print(f"| {name} | {1e3 * cpu / args.queries:.1f} | {1e9 * cpu / args.queries / per_query:.2f} |", flush=True)
     (a_i, a_s), (b_i, b_s) = results.values()
     print(f"identical rankings and scores: {bool(np.array_equal(a_i, b_i) and np.array_equal(a_s, b_s))}")
+    if args.pipeline:
+        index = InvertedFile.from_postings([str(i) for i in range(args.images)], offsets, vectors, image_ids,
+                                           np.bincount(image_ids, minlength=args.images))
+        time_query_path(index, codebook, data, args)
     return 0
+
+
+def time_query_path(index, codebook, data: SyntheticMuseum, args) -> None:
+    """Wall and CPU time per query of query_descriptors, batches of 32, at each thread count."""
+    desc, _, image = data.database_batch(0, min(args.pipeline, 64))
+    queries = [data.query(j, desc[image == j % 64]) for j in range(args.pipeline)]
+    query_descriptors(index, codebook, queries[:32])  # compiles, derives the groups
+    print(f"\n# whole query path ({codebook.method} assignment, multiple assignment 5, top 100), "
+          f"{args.pipeline} queries in batches of 32, ms per query; {args.met_queries:,} queries extrapolated")
+    print("| threads | quantise | aggregate | search | wall | CPU | "
+          f"{args.met_queries:,} queries (wall) |\n|---:|---:|---:|---:|---:|---:|---:|")
+    for threads in args.threads:
+        configure_threads(threads)
+        timings: dict = {}
+        wall, cpu = time.perf_counter(), time.process_time()
+        for a in range(0, len(queries), 32):
+            query_descriptors(index, codebook, queries[a:a + 32], timings=timings)
+        wall, cpu = (time.perf_counter() - wall) / len(queries), (time.process_time() - cpu) / len(queries)
+        stages = " | ".join(f"{1e3 * timings.get(s, 0.0) / len(queries):.1f}" for s in ("quantise", "aggregate", "search"))
+        print(f"| {threads} | {stages} | {1e3 * wall:.1f} | {1e3 * cpu:.1f} | "
+              f"{wall * args.met_queries / 60:.1f} min |", flush=True)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -59,7 +58,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_asmk import DIM, MET_IMAGES, SyntheticMuseum  # noqa: E402
+from bench_asmk import MET_IMAGES, SyntheticMuseum  # noqa: E402
 from how_met.asmk.aggregation import aggregate  # noqa: E402
 from how_met.asmk.codebook import Codebook  # noqa: E402
 from how_met.asmk.indexing import index_from_records  # noqa: E402

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Optional
 
 import numpy as np
 

@@ -34,16 +34,15 @@ from how_met.asmk.indexing import index_from_records, records_from_stores  # noq
 from how_met.datasets import load_dataset  # noqa: E402
 from how_met.neighbours import Neighbours  # noqa: E402
 from how_met.pipeline.stages import aligned, load_rerank_scores  # noqa: E402
-from how_met.recognition.fusion import fusion_grid  # noqa: E402
+from how_met.recognition.fusion import rerank_weightings  # noqa: E402
 from how_met.recognition.protocol import protocol_folds, tune_and_test  # noqa: E402
 from how_met.utils import configure_threads  # noqa: E402
 from how_met.verify.reranker import Reranker, SpatialParams  # noqa: E402
-from how_met.verify.scores import FusionWeights, score_shortlist  # noqa: E402
+from how_met.verify.scores import score_shortlist  # noqa: E402
 
 
 def gaps(scores, ds, settings, repeats: int):
-    # the fusion weights evaluate uses: the fixed default unless the run tuned them
-    grid = fusion_grid() if settings.get("rerank_weights") == "tuned" else [FusionWeights()]
+    grid = rerank_weightings(settings)  # evaluate's
     out = []
     for seed in range(repeats):
         _, folds = protocol_folds(ds, settings.get("cv") or 2, seed)

@@ -47,7 +47,6 @@ from ..recognition import fusion, knn
 from ..recognition.acceptance import degenerate_confidence
 from ..recognition.protocol import protocol_folds, tune_and_test
 from ..utils import configure_threads, library_versions, write_json
-from ..verify.scores import FusionWeights
 from .evidence import stage_evidence
 from .settings import METHODS, merge_settings, unsupervised_source
 from .stages import (THREADED_STAGES, Timings, record_settings, aligned, dir_megabytes, given_extraction,
@@ -180,8 +179,8 @@ def _method_candidates(ds: Dataset, run: Path, features: Path, settings: dict, t
                            for w in fusion.DEFAULT_WEIGHTS]
     if "global+rerank" in methods:
         scores = stage_rerank(ds, run, features, codebook, global_list[1], settings, timings)
-        grid = fusion.fusion_grid() if settings.get("rerank_weights") == "tuned" else [FusionWeights()]
-        lists["global+rerank"] = [(weights.as_dict(), *aligned(scores.fuse(weights), ds)) for weights in grid]
+        lists["global+rerank"] = [(weights.as_dict(), *aligned(scores.fuse(weights), ds))
+                                  for weights in fusion.rerank_weightings(settings)]
     return lists
 
 

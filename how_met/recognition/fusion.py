@@ -120,6 +120,12 @@ def fusion_grid(grid: Optional[Dict[str, Sequence[float]]] = None, min_inliers: 
     return out
 
 
+def rerank_weightings(settings: dict) -> List[FusionWeights]:
+    """The fusion weightings global+rerank is tuned over: the whole grid for a run with
+    ``rerank_weights`` "tuned", else only the fixed default (README "Choosing the defaults")."""
+    return fusion_grid() if settings.get("rerank_weights") == "tuned" else [FusionWeights()]
+
+
 def tune_fusion_weights(scores: ShortlistScores, db_labels=None, query_labels=None,
                         objective: Optional[Callable[..., float]] = None,
                         grid: Optional[Dict[str, Sequence[float]]] = None, n_classes: Optional[int] = None,

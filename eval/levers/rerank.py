@@ -15,7 +15,7 @@ from how_met.neighbours import Neighbours
 from how_met.asmk.codebook import Codebook
 from how_met.verify.reranker import Reranker, SpatialParams
 from how_met.verify.scores import score_shortlist
-from how_met.recognition.fusion import fusion_grid
+from how_met.recognition.fusion import rerank_weightings
 from how_met.recognition.protocol import protocol_folds, tune_and_test
 from how_met.pipeline.evaluate import codebook_is_seeded, repeat_dir
 from how_met.pipeline.stages import aligned
@@ -42,7 +42,7 @@ for seed in seeds:
             scores_by_codebook[cb.fingerprint] = score_shortlist(r, features, short, show_progress=False)
     scores = scores_by_codebook[cb.fingerprint]
     _, folds = protocol_folds(ds, settings.get("cv") or 2, seed)
-    cands = [(w.as_dict(), *aligned(scores.fuse(w), ds)) for w in fusion_grid()]
+    cands = [(w.as_dict(), *aligned(scores.fuse(w), ds)) for w in rerank_weightings(settings)]
     gaps.append(tune_and_test(cands, ds, folds, settings["target_precision"])["metrics"]["GAP"])
 print(name, params, f"global+rerank {np.mean(gaps):.1f} +- {np.std(gaps, ddof=1):.1f}", " ".join(f"{x:.1f}" for x in gaps))
 with open(Path(os.environ.get("HOW_MET_LEVERS_CACHE", "/tmp/obj")) / "rerank.jsonl", "a") as f:

@@ -4,7 +4,6 @@
     python eval/bench_search_kernel.py --images 40000     # bench_asmk's largest size
     python eval/bench_search_kernel.py --pipeline 64 --threads 1 2   # + the whole query path
 
-
 A synthetic inverted file with the word statistics of eval/bench_asmk.py's generator (the Met
 statistics of eval/bench_scale.py: 65,536 words of Zipf-like popularity, ~692 distinct words per
 image; each word's document frequency is its expected value, its images drawn at random), random
@@ -38,6 +37,8 @@ from how_met.asmk.codebook import Codebook  # noqa: E402
 from how_met.asmk.inverted_file import InvertedFile  # noqa: E402
 from how_met.asmk.query import query_descriptors  # noqa: E402
 from how_met.utils import configure_threads  # noqa: E402
+
+QUERY_BATCH = 32  # queries per query_descriptors call in --pipeline
 
 
 def synthetic_index(n_images: int, data: SyntheticMuseum, rng):
@@ -87,7 +88,8 @@ def main(argv=None) -> int:
     q_off = np.concatenate([[0], np.cumsum([len(w) for w in query_words])]).astype(np.int64)
     q_codes = rng.integers(0, 2 ** 63, (len(q_words), 2), dtype=np.int64).astype(np.uint64)
     q_scale = 1 / np.sqrt(np.array([len(w) for w in query_words], np.float64))
-    db_scale = 1 / np.sqrt(np.bincount(image_ids, minlength=args.images).clip(1))
+    n_vectors = np.bincount(image_ids, minlength=args.images)
+    db_scale = 1 / np.sqrt(n_vectors.clip(1))
     table = codes.kernel_table(128, 3.0, 0.0)
     per_query = df[q_words].sum() / args.queries
     print(f"# {args.images:,} images, {offsets[-1]:,} postings ({offsets[-1] / args.images:.0f} per image), "
@@ -109,27 +111,26 @@ def main(argv=None) -> int:
     (a_i, a_s), (b_i, b_s) = results.values()
     print(f"identical rankings and scores: {bool(np.array_equal(a_i, b_i) and np.array_equal(a_s, b_s))}")
     if args.pipeline:
-        index = InvertedFile.from_postings([str(i) for i in range(args.images)], offsets, vectors, image_ids,
-                                           np.bincount(image_ids, minlength=args.images))
+        index = InvertedFile.from_postings([str(i) for i in range(args.images)], offsets, vectors, image_ids, n_vectors)
         time_query_path(index, codebook, data, args)
     return 0
 
 
 def time_query_path(index, codebook, data: SyntheticMuseum, args) -> None:
-    """Wall and CPU time per query of query_descriptors, batches of 32, at each thread count."""
+    """Wall and CPU time per query of query_descriptors, in batches, at each thread count."""
     desc, _, image = data.database_batch(0, min(args.pipeline, 64))
     queries = [data.query(j, desc[image == j % 64]) for j in range(args.pipeline)]
-    query_descriptors(index, codebook, queries[:32])  # compiles, derives the groups
+    query_descriptors(index, codebook, queries[:QUERY_BATCH])  # compiles, derives the groups
     print(f"\n# whole query path ({codebook.method} assignment, multiple assignment 5, top 100), "
-          f"{args.pipeline} queries in batches of 32, ms per query; {args.met_queries:,} queries extrapolated")
+          f"{args.pipeline} queries in batches of {QUERY_BATCH}, ms per query; {args.met_queries:,} queries extrapolated")
     print("| threads | quantise | aggregate | search | wall | CPU | "
           f"{args.met_queries:,} queries (wall) |\n|---:|---:|---:|---:|---:|---:|---:|")
     for threads in args.threads:
         configure_threads(threads)
         timings: dict = {}
         wall, cpu = time.perf_counter(), time.process_time()
-        for a in range(0, len(queries), 32):
-            query_descriptors(index, codebook, queries[a:a + 32], timings=timings)
+        for a in range(0, len(queries), QUERY_BATCH):
+            query_descriptors(index, codebook, queries[a:a + QUERY_BATCH], timings=timings)
         wall, cpu = (time.perf_counter() - wall) / len(queries), (time.process_time() - cpu) / len(queries)
         stages = " | ".join(f"{1e3 * timings.get(s, 0.0) / len(queries):.1f}" for s in ("quantise", "aggregate", "search"))
         print(f"| {threads} | {stages} | {1e3 * wall:.1f} | {1e3 * cpu:.1f} | "

@@ -97,7 +97,7 @@ def main(argv=None) -> int:
           f"{time.perf_counter() - started:.0f} s")
     common = (q_off, q_words, q_codes, q_scale, offsets, vectors, image_ids, db_scale, np.ones(65536), table, 100)
     kernels_timed = (("stamp kernel (before)", lambda: reference_search_binary(*common)),
-                     ("bitmap kernel (search_binary)", lambda: kernels.search_binary(*common, 1)))
+                     ("search_binary (vectorised, float32 sums)", lambda: kernels.search_binary(*common, 1)))
     results = {}
     for name, run in kernels_timed:
         results[name] = run()  # compiles

@@ -71,6 +71,33 @@ def check_groups(group_centroids: np.ndarray, word_group: np.ndarray, n_words: i
 SELECT_CHUNK = 8  # groups per chunk whose minimum bounds the selection (see _nearest_groups)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _kth_smallest(a, n, k):
+    """The k-th smallest (0-based) of a[:n], reordering a[:n]: Hoare's quickselect with a median
+    of 3, in place (np.partition copies: 2.5x slower on the 128 minima of _nearest_groups)."""
+    lo, hi = 0, n - 1
+    while lo < hi:
+        x, y, z = a[lo], a[(lo + hi) >> 1], a[hi]
+        pivot = max(min(x, y), min(max(x, y), z))
+        i, j = lo, hi
+        while i <= j:
+            while i < hi and a[i] < pivot:  # the index bounds: NaN may not run off the end
+                i += 1
+            while j > lo and a[j] > pivot:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        if k <= j:
+            hi = j
+        elif k >= i:
+            lo = i
+        else:
+            break
+    return a[k]
+
+
 @njit(cache=True, nogil=True)
 def _nearest_groups(scores, group_norms, probes):
     """(n, probes) groups of smallest ||g||^2 - 2 x.g of each row of scores (n, G) = x . g
@@ -94,7 +121,7 @@ def _nearest_groups(scores, group_norms, probes):
                 for g in range(c * SELECT_CHUNK + 1, (c + 1) * SELECT_CHUNK):
                     m = min(m, dist[g])
                 minima[c] = m
-            bound = np.partition(minima, probes - 1)[probes - 1]
+            bound = _kth_smallest(minima, n_chunks, probes - 1)
         else:
             bound = np.float32(np.inf)
         count = 0
@@ -102,7 +129,7 @@ def _nearest_groups(scores, group_norms, probes):
             if dist[g] <= bound:
                 candidates[count] = dist[g]
                 count += 1
-        threshold = np.partition(candidates[:count], probes - 1)[probes - 1]
+        threshold = _kth_smallest(candidates, count, probes - 1)
         c = 0
         for g in range(n_groups):
             if dist[g] < threshold:
@@ -147,10 +174,12 @@ def _merge_block(scores, word_norms, rows, first_word, best_d, best_i):
     for r in range(scores.shape[0]):
         row = rows[r]
         worst = best_d[row, k - 1]
-        nearest = np.float32(np.inf)
-        for j in range(m):  # vectorised: most blocks hold no word of the descriptor's top k
-            nearest = min(nearest, word_norms[j] - two * scores[r, j])
-        if not nearest < worst:
+        # most blocks hold no word of the descriptor's top k: one vectorised count skips them (a
+        # running minimum would not vectorise, its NaN rules fixing the order: 3.5x slower)
+        below = 0
+        for j in range(m):
+            below += word_norms[j] - two * scores[r, j] < worst
+        if below == 0:
             continue
         for j in range(m):
             d = word_norms[j] - two * scores[r, j]

@@ -90,3 +90,22 @@ def test_auto_falls_back_to_exact_when_the_grouped_recall_is_short(monkeypatch, 
     assert any("assigns with the exact search" in r.getMessage() for r in caplog.records)
     every = Codebook(size=512, probes=8, seed=0).train(x, recall_sample=500)  # all 8 groups: exact distances
     assert every.method == "grouped" and every.meta["assignment_recall"]["method"] == "grouped"
+
+
+def test_kth_smallest_agrees_with_partition():
+    from numba import njit
+
+    from how_met.asmk.grouped_search import _kth_smallest
+
+    @njit
+    def kth(values, k):
+        return _kth_smallest(values.copy(), len(values), k)
+
+    rng = np.random.default_rng(3)
+    for trial in range(400):
+        n = int(rng.integers(1, 200))
+        values = (rng.integers(0, 4, n) if trial % 2 else rng.normal(size=n)).astype(np.float32)  # ties too
+        k = int(rng.integers(0, n))
+        assert kth(values, k) == np.partition(values, k)[k]
+    assert kth(np.array([3.0, 1.0, 2.0], np.float32), 0) == 1.0
+    assert kth(np.array([3.0, 1.0, 2.0], np.float32), 2) == 3.0

@@ -1,5 +1,5 @@
 """numba kernels of the inverted file: postings merge and compaction, per-word and per-image
-sums, and the batched search (a stamp-and-accumulate loop per query, then a heap top-k).
+sums, and the batched search (an accumulate loop per query, then a heap top-k).
 
 Search runs queries spread over threads, each thread with its own dense score buffer (reset
 sparsely: only touched entries), a hardware popcount (vector popcounts, gathers and scatters for
@@ -51,10 +51,9 @@ def _add_postings(typingctx, acc, image_ids, codes, start, q0, q1, weighted):
     scatter of the scores (AVX-512 gathers and scatters where the CPU has them; LLVM lowers them
     to scalar code where it does not). The LANES image ids must differ, which they do within one
     word's postings (one posting per image and word), so no lane overwrites another's add: every
-    score gets exactly the adds of the scalar loop, in the same order. acc and weighted are both
-    float32 or both float64."""
-    if not (isinstance(acc, types.Array) and acc.dtype in (types.float32, types.float64)
-            and acc.layout == "C" and isinstance(weighted, types.Array) and weighted.dtype == acc.dtype
+    score gets exactly the adds of the scalar loop, in the same order. acc and weighted: float32."""
+    if not (isinstance(acc, types.Array) and acc.dtype == types.float32
+            and acc.layout == "C" and isinstance(weighted, types.Array) and weighted.dtype == types.float32
             and isinstance(image_ids, types.Array) and image_ids.dtype == types.uint32
             and image_ids.layout == "C" and isinstance(codes, types.Array) and codes.ndim == 2
             and codes.dtype == types.uint64 and codes.layout == "C"):
@@ -67,8 +66,7 @@ def _add_postings(typingctx, acc, image_ids, codes, start, q0, q1, weighted):
         codes_a = context.make_array(codes_t)(context, builder, args[2])
         weighted_a = context.make_array(weighted_t)(context, builder, args[6])
         i1, i32, i64 = ir.IntType(1), ir.IntType(32), ir.IntType(64)
-        single = acc_t.dtype == types.float32
-        real, width, real_name = (ir.FloatType(), 4, "f32") if single else (ir.DoubleType(), 8, "f64")
+        real, width = ir.FloatType(), 4
         n = LANES
         v_i64, v_real, v_mask = ir.VectorType(i64, n), ir.VectorType(real, n), ir.VectorType(i32, n)
         pos = args[3]
@@ -86,8 +84,8 @@ def _add_postings(typingctx, acc, image_ids, codes, start, q0, q1, weighted):
         pointer_t = acc_a.data.type
         v_pointer = ir.VectorType(pointer_t, n)
         # intrinsic names carry the pointer type: "p0" with opaque pointers (LLVM 15+ as
-        # llvmlite uses them), "p0f64" with typed ones (older llvmlite)
-        suffix = f"v{n}{real_name}.v{n}p0" + ("" if str(pointer_t) == "ptr" else real_name)
+        # llvmlite uses them), "p0f32" with typed ones (older llvmlite)
+        suffix = f"v{n}f32.v{n}p0" + ("" if str(pointer_t) == "ptr" else "f32")
         element_bytes = _splat(builder, ir.Constant(i64, width), n)
 
         def addresses(array, index):

@@ -311,7 +311,7 @@ def run(args) -> None:
           f"{100 * oracle_agreement:.2f}% of database descriptors.")
     if args.recall:
         sample = np.concatenate(queries)[:: max(1, len(queries) * args.descriptors // 2000)][:2000]
-        for method in ("grouped", "ivf", "hnsw"):
+        for method in ("bfloat16", "grouped", "ivf", "hnsw"):
             cb = Codebook.from_centroids(data.centroids, method=method)
             t0 = time.perf_counter()
             cb.assign(sample[:1], 1)
@@ -379,7 +379,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-reference", action="store_true", help="skip asmk 0.1.1 even if installed")
     p.add_argument("--no-rerank", action="store_true", help="skip the rerank line")
-    p.add_argument("--no-recall", dest="recall", action="store_false", help="skip the grouped/ivf/hnsw recall lines")
+    p.add_argument("--no-recall", dest="recall", action="store_false", help="skip the bfloat16/grouped/ivf/hnsw recall lines")
     args = p.parse_args(argv)
     args.words = args.words or (8192 if args.small else 65536)
     args.sizes = args.sizes or ([1000, 2000, 5000] if args.small else [2000, 10000, 40000])

@@ -5,6 +5,8 @@
     python eval/bench_assignment.py ... --nlist 1024 4096 --hnsw-m 16 32 64   # sweeps of the structure
     python eval/bench_assignment.py ... --probes 32 48 64 96 --nprobe --ef-search   # grouped only
 
+Every run also measures the exact search and the bfloat16 one (how_met.asmk.bfloat16_search).
+
 Query side: recall@5 = fraction of the exact 5 nearest words found by the search (query
 multiple assignment 5), on ``--samples`` random query descriptors. Database side: top-1
 agreement = fraction of database descriptors given the exact nearest word (database
@@ -61,7 +63,7 @@ def main(argv=None) -> int:
         database = _sample(store, ds.db_keys, args.samples, rng)
     def search(method, **settings):  # settings left at None: the codebook's own
         return {"method": method, **{k: v for k, v in settings.items() if v is not None}}
-    searches = [search("exact")] + [search("grouped", probes=n) for n in args.probes] + \
+    searches = [search("exact"), search("bfloat16")] + [search("grouped", probes=n) for n in args.probes] + \
         [search("ivf", nlist=nlist, nprobe=n) for nlist in args.nlist for n in args.nprobe] + \
         [search("hnsw", hnsw_m=m, ef_search=ef) for m in args.hnsw_m for ef in args.ef_search]
     words = len(Codebook.load(args.codebook).centroids)

@@ -14,10 +14,11 @@ time (process time: the figure to compare on a loaded machine), against the kern
 rankings are checked to be identical.
 
 ``--pipeline N`` then times the library's whole ASMK query path (``how_met.asmk.query.
-query_descriptors``: the codebook's default assignment, grouped at 65,536 words, with multiple
-assignment 5; aggregation; the search, top 100) on N generator queries of 1,000 descriptors, in
-batches of 32, against the same index, for each of ``--threads`` (wall and CPU time; the number
-of queries scales the time linearly, so the 21,484 Met queries are extrapolated from it).
+query_descriptors``: the codebook's default assignment at 65,536 words, bfloat16 on CPUs with
+AMX, else grouped, with multiple assignment 5; aggregation; the search, top 100) on N generator
+queries of 1,000 descriptors, in batches of 32, against the same index, for each of
+``--threads`` (wall and CPU time; the number of queries scales the time linearly, so the 21,484
+Met queries are extrapolated from it).
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ call and keeps only the top features of the scales it is given, hence this loop)
 The corpus keeps the combined 1000 strongest of scales [1, 0.707, 0.5] (what the default
 extractor learns its whitening from). Grocery keeps every upscale; other sets only upscales
 that stay within 500 px."""
-import sys, math, time
+import sys, time
 from pathlib import Path
 import h5py, numpy as np, torch
 import torch.nn.functional as F

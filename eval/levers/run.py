@@ -5,7 +5,7 @@ split) and print mean +- std of GAP per method; every run is appended to results
 
     python eval/levers/run.py --set grocery --scales 2,1.414,1,0.707,0.5 --cap 500 --white corpus --cb corpus
 """
-import argparse, json, os, shutil, sys, time
+import argparse, json, os, shutil, time
 from pathlib import Path
 import h5py, numpy as np
 from how_met.datasets import load_dataset

@@ -10,6 +10,7 @@ import time
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
+from numba import njit
 
 from ..utils import l2_normalise
 from .codes import binarize, code_words
@@ -127,6 +128,42 @@ def _drop_repeated_words(words: np.ndarray) -> np.ndarray:
     return words
 
 
+@njit(cache=True, nogil=True)
+def _segment_sums(desc, centroids, rows, words, bounds, zero_residual):
+    """Per segment s of the sorted pairs (bounds[s]:bounds[s + 1]), the float32 sum of the
+    residuals desc[rows[p]] - centroids[words[p]] added in pair order; the sum of a segment of
+    several pairs is zero where every component is within rounding of zero (ZERO_RESIDUAL).
+    One pass without temporaries: numpy's reduceat over (pairs, d) rows cost ~6 of the ~8 ms
+    of aggregating a real image's 5,000 pairs."""
+    n_segments = len(bounds) - 1
+    d = desc.shape[1]
+    sums = np.empty((n_segments, d), np.float32)
+    magnitude = np.empty(d, np.float32)
+    for s in range(n_segments):
+        a, b = bounds[s], bounds[s + 1]
+        x, c = desc[rows[a]], centroids[words[a]]
+        for t in range(d):
+            sums[s, t] = x[t] - c[t]
+        if b - a == 1:  # one residual: an exact subtraction, left alone
+            continue
+        for t in range(d):
+            magnitude[t] = abs(x[t])
+        for p in range(a + 1, b):
+            x, c = desc[rows[p]], centroids[words[p]]
+            for t in range(d):
+                sums[s, t] += x[t] - c[t]
+                magnitude[t] += abs(x[t])
+        tolerance = zero_residual * (b - a)
+        zero = True
+        for t in range(d):
+            if not np.float64(abs(sums[s, t])) <= tolerance * np.float64(magnitude[t]):  # NaN: not zero
+                zero = False
+                break
+        if zero:
+            sums[s, :] = 0.0
+    return sums
+
+
 def _residual_sums(desc, words, centroids, images):
     n, d = desc.shape
     k = words.shape[1]
@@ -145,22 +182,7 @@ def _residual_sums(desc, words, centroids, images):
     key = key[order]
     rows, flat = rows[order], flat[order]
     starts = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))
-    residuals = desc[rows]
-    residuals -= centroids[flat]
-    # Most (image, word) segments hold one descriptor; reduceat pays per segment, so it only
-    # runs over the segments with several (same sequential float32 order either way).
-    lengths = np.diff(np.append(starts, len(key)))
-    sums = residuals[starts]
-    several = lengths > 1
-    if several.any():
-        members = np.repeat(several, lengths)
-        sub_lengths = lengths[several]
-        sub_starts = np.concatenate(([0], np.cumsum(sub_lengths)[:-1]))
-        sub_sums = np.add.reduceat(residuals[members], sub_starts, axis=0)
-        magnitudes = np.add.reduceat(np.abs(desc[rows[members]]), sub_starts, axis=0)
-        tolerance = (ZERO_RESIDUAL * sub_lengths)[:, None] * magnitudes
-        sub_sums[(np.abs(sub_sums) <= tolerance).all(axis=1)] = 0.0
-        sums[several] = sub_sums
+    sums = _segment_sums(desc, centroids, rows, flat, np.append(starts, len(key)), ZERO_RESIDUAL)
     return sums, flat[starts], images[rows[starts]]
 
 

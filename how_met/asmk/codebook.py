@@ -1,19 +1,24 @@
 """Visual-word codebook: faiss k-means training and nearest-centroid assignment.
 
 Assignment searches: ``"exact"`` (faiss flat L2: one BLAS product per batch, on every thread
-``configure_threads`` gives faiss), ``"grouped"`` (``how_met.asmk.grouped_search``: exact
-distances to the words of each descriptor's 80 nearest groups of K / 64 words, one matrix
-product per group), and two approximate searches of faiss, available by name:
+``configure_threads`` gives faiss), ``"bfloat16"`` (``how_met.asmk.bfloat16_search``: a bfloat16
+product with every word, the 12 best of each descriptor re-ranked by exact distances),
+``"grouped"`` (``how_met.asmk.grouped_search``: exact distances to the words of each descriptor's
+80 nearest groups of K / 64 words, one matrix product per group), and two approximate searches
+of faiss, available by name:
 
 - ``"ivf"``: the centroids grouped by a second, coarse k-means into lists of ~16 (K / 16 lists);
   each descriptor scans the ``nprobe`` lists with the nearest coarse centroids;
 - ``"hnsw"``: a faiss HNSW graph over the centroids (M ``hnsw_m``, ``ef_search``).
 
-``"auto"`` (the default) is grouped from 65,536 words on and exact below: on real HOW descriptors
-(README "Fidelity: word assignment") the grouped search kept query recall@5 and database top-1
-agreement >= 0.99 at 65k words (0.995 / 0.999) for ~3x less CPU than exact, while faiss IVF and HNSW reached
-0.99 only at settings about as slow as exact search (IVF with 4 probes, round 1's default for
-8k words and more, kept 65-69% of the exact top 5).
+``"auto"`` (the default) is exact below 65,536 words and, from 65,536 on, bfloat16 where the CPU
+has AMX tiles and grouped elsewhere (the bfloat16 product is too slow without them). On real HOW
+descriptors at 65k words (README "Fidelity: word assignment") bfloat16 found the exact words
+(recall@5 and top-1 1.000) for ~4x less CPU than exact, grouped kept 0.995 / 0.999 for ~3.5x
+less, while faiss IVF and HNSW reached 0.99 only at settings about as slow as exact search (IVF
+with 4 probes, round 1's default for 8k words and more, kept 65-69% of the exact top 5). "auto"
+resolves on the machine that assigns: a codebook file records "auto", and its recorded recall is
+that of the search of the machine that trained it.
 Every trained codebook records, in ``meta["assignment_recall"]``, the recall of its search
 measured on held-out real descriptors of the training store (``quantisation_recall``).
 
@@ -40,6 +45,7 @@ from typing import Optional, Sequence, Tuple
 import faiss
 import numpy as np
 
+from .bfloat16_search import BFloat16Search, bfloat16_products_fast
 from .grouped_search import DEFAULT_PROBES, GroupedSearch, check_groups, group_count, train_groups
 from .settings import (AUTO_MIN_RECALL, CODEBOOK_DIR, CODEBOOK_RECIPES, DEFAULT_EF_SEARCH, DEFAULT_HNSW_M,
                        DEFAULT_MAX_DESCRIPTORS, DEFAULT_NPROBE, GROUPED_MIN_WORDS, KMEANS_POINTS_PER_WORD,
@@ -152,12 +158,14 @@ class Codebook:
         training["points_per_centroid"] = self.points_per_centroid
         self.meta = {
             "size": int(self.size), "dim": int(d), "iterations": self.iterations, "seed": self.seed,
-            "kmeans_objective": float(kmeans.obj[-1]) if len(kmeans.obj) else None,
-            # no date or duration: the same inputs give the same file, byte for byte
+            # no date, duration or k-means objective: the same inputs give the same file, byte for
+            # byte (the objective's last bits depend on how many threads BLAS splits its products
+            # over, on some CPUs: it is logged instead)
             "extractor": extractor, "model_fingerprint": model, "training_set": training,
             "faiss_version": faiss.__version__,
         }
-        logger.info("k-means into %d words: %.1f s", self.size, time.perf_counter() - started)
+        logger.info("k-means into %d words: %.1f s, objective %s", self.size, time.perf_counter() - started,
+                    f"{kmeans.obj[-1]:.6g}" if len(kmeans.obj) else "-")
         if len(held_out):
             recall = self.measure_recall(held_out, k=5)  # its milliseconds vary run to run: not kept
             if self.requested_method == "auto" and self.approximate and \
@@ -223,10 +231,13 @@ class Codebook:
 
     @property
     def method(self) -> str:
-        """The search actually used: exact, grouped, ivf or hnsw ("auto": grouped from
-        GROUPED_MIN_WORDS words on, exact below)."""
+        """The search actually used: exact, bfloat16, grouped, ivf or hnsw ("auto": from
+        GROUPED_MIN_WORDS words on, bfloat16 where the CPU has AMX tiles and grouped elsewhere;
+        exact below)."""
         if self.requested_method == "auto":
-            return "grouped" if len(self._require()) >= GROUPED_MIN_WORDS else "exact"
+            if len(self._require()) < GROUPED_MIN_WORDS:
+                return "exact"
+            return "bfloat16" if bfloat16_products_fast() else "grouped"
         return self.requested_method
 
     @property
@@ -257,6 +268,8 @@ class Codebook:
                 if self.groups is None:  # seeded: the same groups from the same centroids
                     self.groups = train_groups(centroids, group_count(len(centroids)), self.seed + 1)
                 index = GroupedSearch(centroids, *self.groups)
+            elif self.method == "bfloat16":
+                index = BFloat16Search(centroids)
             elif self.method == "hnsw":
                 index = faiss.IndexHNSWFlat(d, self.hnsw_m)
                 index.hnsw.efConstruction = max(40, 2 * self.hnsw_m)
@@ -307,9 +320,9 @@ class Codebook:
         index = self._exact_index() if use_exact else self._approx_index()
         if len(desc) == 0:
             ids, dist = np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
-        elif isinstance(index, GroupedSearch):
+        elif isinstance(index, (GroupedSearch, BFloat16Search)):
             dist, ids = index.search(desc, k, configured_threads() or 1)
-            short = np.flatnonzero(ids[:, -1] < 0)  # probed groups with fewer than k words
+            short = np.flatnonzero(ids[:, -1] < 0)  # probed groups with fewer than k words (or NaN input)
             if len(short):
                 dist[short], ids[short] = self._exact_index().search(desc[short], k)
         else:

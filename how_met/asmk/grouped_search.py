@@ -165,6 +165,20 @@ def _rows_by_group(probes, n_groups):
 
 
 @njit(cache=True, nogil=True)
+def insert_sorted(best_d, best_i, row, d, word):
+    """Insert (d, word) into row ``row`` of the ascending running best (d below its last: the
+    caller checked), ties after the equal ones already there; returns the new last."""
+    pos = best_d.shape[1] - 1
+    while pos > 0 and best_d[row, pos - 1] > d:
+        best_d[row, pos] = best_d[row, pos - 1]
+        best_i[row, pos] = best_i[row, pos - 1]
+        pos -= 1
+    best_d[row, pos] = d
+    best_i[row, pos] = word
+    return best_d[row, best_d.shape[1] - 1]
+
+
+@njit(cache=True, nogil=True)
 def _merge_block(scores, word_norms, rows, first_word, best_d, best_i):
     """Distances ||c||^2 - 2 x.c of a block of words (scores (r, m) = x . c) into the running
     top-k of each row's descriptor (ascending distance; ties keep the earlier word)."""
@@ -184,14 +198,7 @@ def _merge_block(scores, word_norms, rows, first_word, best_d, best_i):
         for j in range(m):
             d = word_norms[j] - two * scores[r, j]
             if d < worst:
-                pos = k - 1
-                while pos > 0 and best_d[row, pos - 1] > d:
-                    best_d[row, pos] = best_d[row, pos - 1]
-                    best_i[row, pos] = best_i[row, pos - 1]
-                    pos -= 1
-                best_d[row, pos] = d
-                best_i[row, pos] = first_word + j
-                worst = best_d[row, k - 1]
+                worst = insert_sorted(best_d, best_i, row, d, first_word + j)
 
 
 class GroupedSearch:
@@ -199,7 +206,7 @@ class GroupedSearch:
 
     def __init__(self, centroids: np.ndarray, group_centroids: np.ndarray, word_group: np.ndarray,
                  probes: int = DEFAULT_PROBES):
-        centroids = np.ascontiguousarray(centroids, np.float32)
+        self.centroids = centroids = np.ascontiguousarray(centroids, np.float32)
         self.group_centroids = np.ascontiguousarray(group_centroids, np.float32)
         n_groups = len(self.group_centroids)
         self.probes = int(min(max(1, probes), n_groups))
@@ -211,28 +218,23 @@ class GroupedSearch:
         np.cumsum(np.bincount(word_group, minlength=n_groups), out=self.offsets[1:])
 
     def search(self, descriptors: np.ndarray, k: int, threads: int = 1) -> Tuple[np.ndarray, np.ndarray]:
-        """((n, k) float32 squared L2 distances, (n, k) int64 word ids), nearest first; the
-        descriptors are split into parts of at most PART_DESCRIPTORS, searched on ``threads``
-        threads (BLAS on one thread each). A descriptor whose probed groups hold fewer than k words gets id -1 (distance inf)
-        in the remaining places."""
+        """((n, k) float32 squared L2 distances, exact (float64 sums), (n, k) int64 word ids),
+        nearest first, the same on any number of threads; the descriptors are split into parts
+        of at most PART_DESCRIPTORS, searched on ``threads`` threads (BLAS on one thread each). A
+        descriptor whose probed groups hold fewer than k words gets id -1 (distance inf) in the
+        remaining places."""
         x = np.ascontiguousarray(descriptors, np.float32)
         n = len(x)
         k = int(min(k, len(self.words)))
         dist = np.full((n, k), np.inf, np.float32)
         ids = np.full((n, k), -1, np.int64)
-        threads = max(1, min(int(threads), n // 256 + 1))  # small batches: one thread
-        parts = _bounds(n, max(threads, -(-n // PART_DESCRIPTORS)))
         with threadpool_limits(1, user_api="blas"):
-            if threads == 1:
-                for a, b in parts:
-                    self._search_part(x[a:b], dist[a:b], ids[a:b])
-            else:
-                with ThreadPoolExecutor(threads) as pool:
-                    list(pool.map(lambda ab: self._search_part(x[ab[0]:ab[1]], dist[ab[0]:ab[1]],
-                                                               ids[ab[0]:ab[1]]), parts))
+            search_in_parts(self._search_part, x, dist, ids, threads, PART_DESCRIPTORS)
         found = ids >= 0
         ids[found] = self.order[ids[found]]
-        dist += (x.astype(np.float64) ** 2).sum(1, dtype=np.float64)[:, None].astype(np.float32)
+        # the k found, re-ranked by exact distances: float32 products round by the shapes BLAS
+        # gets (rows per group, per part), which would make the result depend on the threads
+        exact_top_k(x, self.centroids, ids.copy(), dist, ids)
         return dist, ids
 
     def _search_part(self, x, dist, ids) -> None:
@@ -247,6 +249,47 @@ class GroupedSearch:
                 _merge_block(x[r] @ self.words[w0:w1].T, self.word_norms[w0:w1], r, w0, dist, ids)
 
 
-def _bounds(n: int, parts: int):
-    edges = np.linspace(0, n, parts + 1).astype(np.int64)
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+@njit(cache=True, nogil=True)
+def exact_top_k(x, centroids, candidates, out_d, out_i):
+    """The k = out_d.shape[1] nearest of each row's candidate words (-1: none) by exact squared
+    L2 distance (float64 sums; ties: the lower word id), nearest first; -1 / inf where a row has
+    fewer than k candidates."""
+    n, m = candidates.shape
+    k = out_d.shape[1]
+    dist = np.empty(m, np.float64)
+    ids = np.empty(m, np.int64)
+    for i in range(n):
+        for c in range(m):
+            w = candidates[i, c]
+            ids[c] = w
+            s = np.inf
+            if w >= 0:
+                s = 0.0
+                for t in range(x.shape[1]):
+                    diff = np.float64(x[i, t]) - np.float64(centroids[w, t])
+                    s += diff * diff
+            dist[c] = s
+        for c in range(k):  # selection: k is small
+            b = c
+            for e in range(c + 1, m):
+                if ids[b] < 0 or (ids[e] >= 0 and (dist[e] < dist[b] or (dist[e] == dist[b] and ids[e] < ids[b]))):
+                    b = e
+            dist[c], dist[b] = dist[b], dist[c]
+            ids[c], ids[b] = ids[b], ids[c]
+            out_d[i, c] = dist[c] if ids[c] >= 0 else np.inf
+            out_i[i, c] = ids[c]
+
+
+def search_in_parts(search_part, x, dist, ids, threads: int, part_rows: int) -> None:
+    """search_part(x[a:b], dist[a:b], ids[a:b]) over parts of at most ``part_rows`` rows, the
+    parts spread over ``threads`` threads (one for small batches)."""
+    n = len(x)
+    threads = max(1, min(int(threads), n // 256 + 1))
+    edges = np.linspace(0, n, max(threads, -(-n // part_rows)) + 1).astype(np.int64)
+    parts = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+    if threads == 1:
+        for a, b in parts:
+            search_part(x[a:b], dist[a:b], ids[a:b])
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda ab: search_part(x[ab[0]:ab[1]], dist[ab[0]:ab[1]], ids[ab[0]:ab[1]]), parts))

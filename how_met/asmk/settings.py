@@ -10,24 +10,26 @@ from pathlib import Path
 from typing import Dict
 
 
-# Word assignment: "exact" (faiss flat L2, batched BLAS on all configured threads) or, by name,
-# an approximate search over the centroids ("ivf", "hnsw"). "auto" (the default, and what
-# codebook files of round 1 recorded) is exact at every size since issue 12: on
-# real HOW descriptors (README "Fidelity: word assignment") the approximate searches reached
+# Word assignment: "exact" (faiss flat L2, batched BLAS on all configured threads), "bfloat16" and
+# "grouped" (below), or faiss's approximate searches by name ("ivf", "hnsw"). "auto" (the
+# default, and what codebook files of round 1 recorded) is exact below GROUPED_MIN_WORDS words.
+# On real HOW descriptors (README "Fidelity: word assignment") faiss's searches reached
 # recall@5 and database top-1 agreement >= 0.99 only at settings as slow as exact search or
 # slower (one thread; IVF 4 probes, round 1's default, kept 65% of the exact top 5). Their
 # defaults below are the cheapest measured settings that keep both at 0.99 or above.
-SEARCH_METHODS = ("auto", "exact", "grouped", "ivf", "hnsw")
+SEARCH_METHODS = ("auto", "exact", "bfloat16", "grouped", "ivf", "hnsw")
 LEGACY_METHOD_NAMES = {"flat": "exact"}   # round-1 name of the exact search, still read from files
 DEFAULT_NPROBE = 128             # of K / 16 lists: recall@5 / top-1 0.997 / 0.9997 (8k words), 0.994 / 0.998 (65k)
 # HNSW: M 64, efSearch 256: recall@5 / top-1 0.996 / 0.997 (8k words), 0.995 / 0.994 (65k); M 32
 # lost the nearest word of 1.4% of real descriptors at 65k even with efSearch 512, at more cost
 DEFAULT_HNSW_M = 64
 # "grouped" (how_met.asmk.grouped_search): exact distances to the words of each descriptor's
-# 80 nearest groups of K / 64 words, one matrix product per group. "auto" uses it from
-# GROUPED_MIN_WORDS words on: at 65,536 words on real HOW descriptors, recall@5 / top-1 0.995 /
-# 0.999 for ~3x less CPU than exact (README "Fidelity: word assignment"); smaller codebooks
-# were not measured with it and stay exact.
+# 80 nearest groups of K / 64 words, one matrix product per group; "bfloat16"
+# (how_met.asmk.bfloat16_search): a bfloat16 product with every word, its 12 best re-ranked
+# exactly. "auto" uses bfloat16 from GROUPED_MIN_WORDS words on where the CPU has AMX tiles,
+# grouped elsewhere: at 65,536 words on real HOW descriptors, recall@5 / top-1
+# 1.000 / 1.000 (bfloat16) and 0.995 / 0.999 (grouped) for ~4x and ~3.5x less CPU than exact
+# (README "Fidelity: word assignment"); smaller codebooks were not measured with them and stay exact.
 GROUPED_MIN_WORDS = 65536
 # A codebook trained with "auto" whose grouped search keeps less than this recall@5 or top-1 on
 # its held-out descriptors records (and uses) the exact search instead.

@@ -1,6 +1,7 @@
 """Grouped word assignment: exact when every group is probed, the same answers on any number of
 threads, groups stored in the codebook file (plain arrays, validated on load), the exact search
-for descriptors whose probed groups hold fewer than k words, and "auto" choosing it for 65k words.
+for descriptors whose probed groups hold fewer than k words, and "auto" choosing it for 65k words
+where the CPU has no bfloat16 products (test_bfloat16_search.py: where it has).
 Its recall on real descriptors: tests/asmk/test_codebook.py (real museum descriptors)."""
 import zipfile
 
@@ -73,7 +74,9 @@ def test_too_few_words_in_the_probed_groups_falls_back_to_exact():
     np.testing.assert_array_equal(cb.assign(x, k), Codebook.from_centroids(centroids).assign(x, k))
 
 
-def test_auto_is_grouped_from_65k_words():
+def test_auto_is_grouped_from_65k_words_without_bfloat16_hardware(monkeypatch):
+    import how_met.asmk.codebook as codebook_module
+    monkeypatch.setattr(codebook_module, "bfloat16_products_fast", lambda: False)
     small = Codebook.from_centroids(np.zeros((GROUPED_MIN_WORDS // 2, 4), np.float32))
     large = Codebook.from_centroids(np.zeros((GROUPED_MIN_WORDS, 4), np.float32))
     assert small.method == "exact" and large.method == "grouped"
@@ -83,6 +86,7 @@ def test_auto_is_grouped_from_65k_words():
 def test_auto_falls_back_to_exact_when_the_grouped_recall_is_short(monkeypatch, caplog):
     import how_met.asmk.codebook as codebook_module
     monkeypatch.setattr(codebook_module, "GROUPED_MIN_WORDS", 256)
+    monkeypatch.setattr(codebook_module, "bfloat16_products_fast", lambda: False)
     _, x = data(seed=4, n=12000)
     few = Codebook(size=512, probes=1, seed=0).train(x, recall_sample=500)
     assert few.method == "exact" and few.meta["assignment_recall"]["method"] == "exact"

@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 import torch
-import torchvision
 
 from how_met.features.backbones import build_trunk
 from how_met.features.checkpoints import load_model, save_model

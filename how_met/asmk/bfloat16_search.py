@@ -32,6 +32,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .grouped_search import exact_top_k, insert_sorted, search_in_parts
+from .kernels import splat
 
 CANDIDATES = 12        # best bfloat16 scores per descriptor re-ranked exactly (see the docstring)
 SPAN = 32              # words one vector compare of _merge_scores covers
@@ -81,9 +82,7 @@ def _above(typingctx, scores, row, start, threshold):
         v_i16, v_i32, v_real = ir.VectorType(i16, SPAN), ir.VectorType(i32, SPAN), ir.VectorType(real, SPAN)
         bits = builder.load(builder.bitcast(pointer, v_i16.as_pointer()), align=2)
         values = builder.bitcast(builder.shl(builder.zext(bits, v_i32), ir.Constant(v_i32, [16] * SPAN)), v_real)
-        one = builder.insert_element(ir.Constant(v_real, None), args[3], ir.Constant(i32, 0))
-        splat = builder.shuffle_vector(one, ir.Constant(v_real, None), ir.Constant(v_i32, [0] * SPAN))
-        above = builder.bitcast(builder.fcmp_ordered(">", values, splat), ir.IntType(SPAN))
+        above = builder.bitcast(builder.fcmp_ordered(">", values, splat(builder, args[3], SPAN)), ir.IntType(SPAN))
         return builder.zext(above, ir.IntType(64))
 
     return types.int64(scores, row, start, threshold), codegen

@@ -32,7 +32,7 @@ def _call(builder, name, ret, args):
     return builder.call(fn, args)
 
 
-def _splat(builder, value, lanes: int):
+def splat(builder, value, lanes: int):
     """A vector of ``lanes`` copies of a scalar value."""
     vector = ir.VectorType(value.type, lanes)
     one = builder.insert_element(ir.Constant(vector, None), value, ir.Constant(ir.IntType(32), 0))
@@ -79,17 +79,17 @@ def _add_postings(typingctx, acc, image_ids, codes, start, q0, q1, weighted):
         low = builder.shuffle_vector(both, both, ir.Constant(v_mask, list(range(0, 2 * n, 2))))
         high = builder.shuffle_vector(both, both, ir.Constant(v_mask, list(range(1, 2 * n, 2))))
         ctpop = f"llvm.ctpop.v{n}i64"
-        hamming = builder.add(_call(builder, ctpop, v_i64, [builder.xor(low, _splat(builder, args[4], n))]),
-                              _call(builder, ctpop, v_i64, [builder.xor(high, _splat(builder, args[5], n))]))
+        hamming = builder.add(_call(builder, ctpop, v_i64, [builder.xor(low, splat(builder, args[4], n))]),
+                              _call(builder, ctpop, v_i64, [builder.xor(high, splat(builder, args[5], n))]))
         pointer_t = acc_a.data.type
         v_pointer = ir.VectorType(pointer_t, n)
         # intrinsic names carry the pointer type: "p0" with opaque pointers (LLVM 15+ as
         # llvmlite uses them), "p0f32" with typed ones (older llvmlite)
         suffix = f"v{n}f32.v{n}p0" + ("" if str(pointer_t) == "ptr" else "f32")
-        element_bytes = _splat(builder, ir.Constant(i64, width), n)
+        element_bytes = splat(builder, ir.Constant(i64, width), n)
 
         def addresses(array, index):
-            base = _splat(builder, builder.ptrtoint(array.data, i64), n)
+            base = splat(builder, builder.ptrtoint(array.data, i64), n)
             return builder.inttoptr(builder.add(base, builder.mul(index, element_bytes)), v_pointer)
 
         all_lanes = ir.Constant(ir.VectorType(i1, n), [1] * n)

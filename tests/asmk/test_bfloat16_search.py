@@ -1,8 +1,8 @@
 """bfloat16 word assignment: the exact search's words and distances, the same answers on any
 number of threads, the running best of each row kept right (ties, NaN, -inf, blocks), rows with
-no word, and "auto" choosing it for 65k words where the CPU multiplies bfloat16 in hardware. Its
-recall on real descriptors: tests/asmk/test_codebook.py (real museum descriptors). The searches
-run on any CPU (without AMX, torch emulates the bfloat16 products, slowly)."""
+no word, and "auto" choosing it for 65k words where the CPU has AMX. Its recall on real
+descriptors: tests/asmk/test_codebook.py (real museum descriptors). The searches run on any CPU
+(without AMX, torch takes slower AVX512-BF16 or emulated paths for the bfloat16 products)."""
 import numpy as np
 import pytest
 import torch

@@ -1,7 +1,7 @@
 """Grouped word assignment: exact when every group is probed, the same answers on any number of
 threads, groups stored in the codebook file (plain arrays, validated on load), the exact search
 for descriptors whose probed groups hold fewer than k words, and "auto" choosing it for 65k words
-where the CPU has no bfloat16 products (test_bfloat16_search.py: where it has).
+where the CPU has no AMX (test_bfloat16_search.py: where it has).
 Its recall on real descriptors: tests/asmk/test_codebook.py (real museum descriptors)."""
 import zipfile
 
